@@ -1,0 +1,6 @@
+"""Compressed KV cache: bit-packed storage held in a transformers ``Cache``."""
+
+from kvcomp.cache.cache import CompressedCache, cache_stats
+from kvcomp.cache.storage import Dense, Segment, Stored
+
+__all__ = ["CompressedCache", "Dense", "Segment", "Stored", "cache_stats"]

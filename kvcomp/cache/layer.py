@@ -1,0 +1,203 @@
+"""One layer of the compressed cache: packed history segments + a full-precision residual of recent tokens.
+
+``update(k, v)`` (k post-RoPE, ``[B, H_kv, q, D]``) returns the K/V attention needs — the dequantized
+history (RoPE re-applied at each token's absolute position) followed by the new tokens exactly as given —
+and only then stores the new tokens: into the residual, flushing everything older than
+``quantizer.residual_length`` into packed segments (prefill chunks), or one ``flush_group`` at a time
+(decode). A chunk therefore attends to the compressed history plus its own full-precision K/V.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from kvcomp.cache.rope import Rope
+from kvcomp.cache.storage import Stored, nbytes, numel
+
+if TYPE_CHECKING:
+    from kvcomp.quantizer.base import Quantizer
+
+#: policy(layer_idx, keys_pre, values, positions) -> token_bits [T] (0 = drop) or None
+PrecisionPolicy = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+class CompressedLayer(CacheLayerMixin):
+    """Cache layer holding bit-packed K/V segments, their int32 positions and the quantizer's state."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, quantizer: Quantizer, rope: Rope | None, owner: Any) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.quantizer = quantizer
+        self.rope = rope if quantizer.pre_rope else None
+        self.owner = owner  # the CompressedCache: pending positions, precision policy
+        self.reset()
+
+    # -- transformers CacheLayerMixin API ------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def reset(self) -> None:
+        self.k_blocks: list[Stored] = []
+        self.v_blocks: list[Stored] = []
+        self.pos_blocks: list[torch.Tensor] = []  # int32 [T_i] absolute positions per segment
+        self.res_k: torch.Tensor | None = None  # [B, H, R, D] (pre-RoPE when rope is set)
+        self.res_v: torch.Tensor | None = None
+        self.res_pos: torch.Tensor | None = None  # int32 [R]
+        self.state: dict[str, Any] = self.quantizer.init_state()
+        self.seen = 0  # absolute tokens processed (the sequence length the model sees)
+        self.dropped = 0
+        self.is_initialized = False
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def held(self) -> int:
+        """Tokens this layer holds (packed + residual); < seen when tokens were dropped."""
+        n = sum(int(p.numel()) for p in self.pos_blocks)
+        return n + (0 if self.res_pos is None else int(self.res_pos.numel()))
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """kv_offset = seen - held, so held history sits just before the queries: all of it visible,
+        and the new tokens stay causal among themselves at their true positions."""
+        held = self.held()
+        return held + query_length, self.seen - held
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        positions = self.owner.take_positions(self.layer_idx, self.seen, q, key_states.device)
+        hist_k, hist_v = self.materialize()
+        if hist_k is None:
+            keys, values = key_states, value_states
+        else:
+            keys = torch.cat([hist_k.to(key_states.dtype), key_states], dim=-2)
+            values = torch.cat([hist_v.to(value_states.dtype), value_states], dim=-2)
+        k_store = self.rope.invert(key_states, positions).to(key_states.dtype) if self.rope else key_states
+        self._append(k_store, value_states, positions.to(torch.int32))
+        self.seen += q
+        self._flush(decode=q == 1)
+        return keys, values
+
+    # -- storage -------------------------------------------------------------------------------------
+    def materialize(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Dequantized history ``[B, H, held, D]`` (post-RoPE keys) in the model dtype, or (None, None)."""
+        ks = [b.dequantize(self.dtype) for b in self.k_blocks]
+        vs = [b.dequantize(self.dtype) for b in self.v_blocks]
+        pos = list(self.pos_blocks)
+        if self.res_k is not None:
+            ks.append(self.res_k)
+            vs.append(self.res_v)
+            pos.append(self.res_pos)
+        if not ks:
+            return None, None
+        k = torch.cat(ks, dim=-2) if len(ks) > 1 else ks[0]
+        v = torch.cat(vs, dim=-2) if len(vs) > 1 else vs[0]
+        if self.rope is not None:
+            k = self.rope.apply(k, torch.cat(pos)).to(self.dtype)
+        return k, v
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        if self.res_k is None:
+            self.res_k, self.res_v, self.res_pos = k, v, pos
+        else:
+            self.res_k = torch.cat([self.res_k, k], dim=-2)
+            self.res_v = torch.cat([self.res_v, v], dim=-2)
+            self.res_pos = torch.cat([self.res_pos, pos])
+
+    def _flush(self, decode: bool) -> None:
+        """Move residual tokens older than ``residual_length`` into packed segments."""
+        n = 0 if self.res_pos is None else int(self.res_pos.numel())
+        extra = n - self.quantizer.residual_length
+        if extra <= 0 or (decode and extra < self.quantizer.flush_group):
+            return
+        k, v, pos = self.res_k[..., :extra, :], self.res_v[..., :extra, :], self.res_pos[:extra]
+        if extra == n:
+            self.res_k = self.res_v = self.res_pos = None
+        else:
+            self.res_k = self.res_k[..., extra:, :].contiguous()
+            self.res_v = self.res_v[..., extra:, :].contiguous()
+            self.res_pos = self.res_pos[extra:].clone()
+        self.compress(k, v, pos)
+
+    def compress(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Quantize ``[B, H, T, D]`` tokens at ``pos`` [T] (with the owner's precision policy, if any)."""
+        bits = self.owner.token_bits(self.layer_idx, k, v, pos)
+        if bits is not None:
+            keep = bits > 0
+            if not bool(keep.all()):
+                self.dropped += int((~keep).sum())
+                k, v, pos, bits = k[..., keep, :], v[..., keep, :], pos[keep], bits[keep]
+            if pos.numel() == 0:
+                return
+        for seg in self.quantizer.compress(k, v, pos, self.state, bits):
+            self.k_blocks.append(seg.keys)
+            self.v_blocks.append(seg.values)
+            self.pos_blocks.append(pos if seg.index is None else pos[seg.index])
+
+    # -- accounting ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Bytes and element counts of everything this layer holds."""
+        kb = sum(nbytes(b) for b in self.k_blocks)
+        vb = sum(nbytes(b) for b in self.v_blocks)
+        k_el = sum(numel(b) for b in self.k_blocks)
+        v_el = sum(numel(b) for b in self.v_blocks)
+        if self.res_k is not None:
+            kb += self.res_k.nbytes
+            vb += self.res_v.nbytes
+            k_el += self.res_k.numel()
+            v_el += self.res_v.numel()
+        idx_b = sum(p.nbytes for p in self.pos_blocks) + (0 if self.res_pos is None else self.res_pos.nbytes)
+        st_b = sum(t.nbytes for t in _tensors(self.state))
+        outl = sum(b.n_outliers for b in self.k_blocks) + sum(b.n_outliers for b in self.v_blocks)
+        return {
+            "layer": self.layer_idx,
+            "tokens_seen": self.seen,
+            "tokens_held": self.held(),
+            "tokens_dropped": self.dropped,
+            "residual_tokens": 0 if self.res_pos is None else int(self.res_pos.numel()),
+            "key_bytes": kb,
+            "value_bytes": vb,
+            "index_bytes": idx_b,
+            "stats_bytes": st_b,
+            "kv_bytes": kb + vb + idx_b + st_b,
+            "key_elements": k_el,
+            "value_elements": v_el,
+            "outliers": outl,
+            "avg_key_bits": 8 * kb / k_el if k_el else 0.0,
+            "avg_value_bits": 8 * vb / v_el if v_el else 0.0,
+        }
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor held (for the kv_bytes == sum of nbytes check)."""
+        out = [t for b in self.k_blocks + self.v_blocks for t in b.tensors()] + list(self.pos_blocks)
+        out += [t for t in (self.res_k, self.res_v, self.res_pos) if t is not None]
+        return out + _tensors(self.state)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the compressed cache cannot be cropped (assisted decoding is unsupported)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("the compressed cache does not support beam search; use greedy or sampling")
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in _tensors(v)]
+    return []

@@ -1,0 +1,76 @@
+"""Storage objects held by the compressed cache: every one knows its bytes and how to dequantize.
+
+A stored tensor has the logical shape ``[B, H, T, D]`` (batch, KV heads un-repeated, tokens, head_dim).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Stored(Protocol):
+    """A (possibly compressed) K or V block of logical shape ``[B, H, T, D]``."""
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]: ...
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """Reconstruct ``[B, H, T, D]`` in ``dtype``."""
+        ...
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this block holds (codes, scales, zero points, outliers, indices)."""
+        ...
+
+    @property
+    def n_outliers(self) -> int:
+        """Elements held at higher precision than the block's main width (sparse values, outlier channels)."""
+        ...
+
+
+def nbytes(block: Stored) -> int:
+    """Bytes really held by ``block``: sum of ``nbytes`` of its tensors."""
+    return sum(t.numel() * t.element_size() for t in block.tensors())
+
+
+def numel(block: Stored) -> int:
+    b, h, t, d = block.shape
+    return b * h * t * d
+
+
+@dataclass
+class Dense:
+    """Uncompressed block (full precision, or fp16 for sinks / warm-up chunks). ``data``: [B, H, T, D]."""
+
+    data: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.data.shape)  # type: ignore[return-value]
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.data.to(dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.data]
+
+    @property
+    def n_outliers(self) -> int:
+        return 0
+
+
+@dataclass
+class Segment:
+    """What a quantizer returns for a run of tokens: K and V storage for the tokens ``index``.
+
+    ``index``: LongTensor [T'] into the T input tokens (None = all of them, in order). Segments let one
+    call store tokens at different widths (sinks at 8 bit, important tokens at 8, others at 2...).
+    """
+
+    keys: Stored
+    values: Stored
+    index: torch.Tensor | None = None

@@ -1,0 +1,1 @@
+"""Registry kind `compressor`: one module per component; modules here register themselves."""

@@ -1,0 +1,184 @@
+"""``run(cfg) -> dict``: one experiment (model x compressor x task), independent of Hydra's CLI.
+
+Every component is built (and its keys checked) before the model loads, so a bad config fails fast.
+With ``output_dir`` the run writes ``metrics.json`` (last, atomically: its presence means the run
+finished), ``predictions.jsonl`` and ``env.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from kvcomp.engine import Engine
+from kvcomp.envinfo import env_info
+from kvcomp.errors import ConfigError
+from kvcomp.model import ModelConfig, load_model
+from kvcomp.registry import COMPRESSORS, LOGGERS, PROPAGATORS, QUANTIZERS, TASKS
+
+log = logging.getLogger(__name__)
+MEAN_KEYS = ("ttft_s", "decode_s", "tokens_per_s", "avg_rss_bytes", "kv_bytes", "kv_bytes_fp16",
+             "avg_key_bits", "avg_value_bits", "outlier_ratio", "tokens_held", "tokens_dropped")
+MAX_KEYS = ("peak_rss_bytes", "cuda_max_allocated_bytes")
+
+
+@dataclass
+class Parts:
+    """Everything a run needs except the model, built from the config."""
+
+    model: ModelConfig
+    compressor: Any
+    task: Any
+    logger: Any
+
+
+def to_dict(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def build_parts(cfg: DictConfig | dict[str, Any]) -> Parts:
+    """Build and validate every component from the composed config (no model is loaded)."""
+    c = to_dict(cfg)
+    for key in ("model", "compressor", "quantizer", "propagation", "task"):
+        if not isinstance(c.get(key), dict):
+            raise ConfigError(f"config group '{key}' is missing; pass {key}=<option>")
+    quantizer = QUANTIZERS.build(c["quantizer"], "quantizer")
+    propagator = PROPAGATORS.build(c["propagation"], "propagation")
+    compressor = COMPRESSORS.build(c["compressor"], "compressor", quantizer=quantizer, propagator=propagator)
+    task = TASKS.build(c["task"], "task")
+    logger = LOGGERS.build(c.get("logger") or {"name": "none"}, "logger")
+    return Parts(ModelConfig(**c["model"]), compressor, task, logger)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def evaluate(engine: Engine, task: Any, samples: list[Any], desc: str) -> list[dict[str, Any]]:
+    """Run and score every sample (progress bar); returns predictions.jsonl records."""
+    return [task.run_sample(engine, s) for s in tqdm(samples, desc=desc, unit="sample", leave=False)]
+
+
+def aggregate(task: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Task metrics + performance/cache metrics over samples (means; peaks are maxima)."""
+    m: dict[str, Any] = {"n_samples": len(records)}
+    m.update(task.aggregate(records))
+    for k in MEAN_KEYS:
+        vals = [r[k] for r in records if r.get(k) is not None]
+        if vals:
+            m[k] = statistics.fmean(vals)
+    for k in MAX_KEYS:
+        vals = [r[k] for r in records if r.get(k) is not None]
+        if vals:
+            m[k] = max(vals)
+    if m.get("kv_bytes"):
+        m["compression_ratio"] = m["kv_bytes_fp16"] / m["kv_bytes"]
+        m["memory_savings"] = 1.0 - m["kv_bytes"] / m["kv_bytes_fp16"]
+        m["overall_memory_savings"] = m["memory_savings"]
+    layers = [r["per_layer"] for r in records if r.get("per_layer")]
+    if layers:
+        m["per_layer"] = [
+            {k: statistics.fmean(s[i][k] for s in layers) for k in ("avg_key_bits", "avg_value_bits",
+                                                                     "tokens_held", "kv_bytes")}
+            | {"layer": i}
+            for i in range(len(layers[0]))
+        ]
+    return m
+
+
+def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run one experiment; returns metrics (``score`` 0-100, perf and cache numbers)."""
+    c = to_dict(cfg)
+    parts = build_parts(c)
+    seed_everything(int(c.get("seed", 0)))
+    out = Path(output_dir) if output_dir is not None else None
+    name = str(c.get("exp_name", "run"))
+    model, tok = load_model(parts.model)
+    parts.logger.start(c, out, name)
+    ok = False
+    try:
+        engine = Engine(model, tok, parts.compressor)
+        samples = parts.task.samples(tok)
+        records = evaluate(engine, parts.task, samples, desc=name)
+        metrics = {"task": c["task"]["name"], "experiment": name, **aggregate(parts.task, records)}
+        if c.get("compare_baseline"):
+            metrics.update(_baseline(model, tok, parts.task, samples, metrics))
+        metrics["objective"] = objective(metrics, c.get("objective", "score"))
+        if out is not None:
+            write_outputs(out, metrics, records, env_info(engine.device))
+        parts.logger.log_metrics(metrics)
+        if metrics.get("per_layer"):
+            parts.logger.log_table("per_layer", metrics["per_layer"])
+        ok = True
+        return metrics
+    finally:
+        parts.logger.finish(ok)
+
+
+def _baseline(model: Any, tok: Any, task: Any, samples: list[Any], m: dict[str, Any]) -> dict[str, Any]:
+    """Full cache on the same samples: quality retention and TTFT speed-up, plus a side-by-side table."""
+    full = COMPRESSORS.build({"name": "none"}, "compressor")
+    b = aggregate(task, evaluate(Engine(model, tok, full), task, samples, desc="baseline"))
+    res = {
+        "baseline_score": b["score"],
+        "quality_retention": m["score"] / b["score"] if b["score"] else None,
+        "ttft_speedup": b["ttft_s"] / m["ttft_s"] if m.get("ttft_s") else None,
+        "baseline_ttft_s": b.get("ttft_s"),
+        "baseline_kv_bytes": b.get("kv_bytes"),
+        "baseline_peak_rss_bytes": b.get("peak_rss_bytes"),
+    }
+    rows = [("score", b["score"], m["score"]), ("ttft_s", b.get("ttft_s"), m.get("ttft_s")),
+            ("kv_bytes", b.get("kv_bytes"), m.get("kv_bytes")),
+            ("peak_rss_bytes", b.get("peak_rss_bytes"), m.get("peak_rss_bytes"))]
+    table = "\n".join(f"{k:>16} | {_fmt(x):>14} | {_fmt(y):>14}" for k, x, y in rows)
+    log.info("baseline comparison\n%16s | %14s | %14s\n%s", "metric", "full cache", "this run", table)
+    return res
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def objective(metrics: dict[str, Any], spec: str) -> float:
+    """The number a sweeper optimises: a metric name (``score``, ``ppl``, ``kv_bytes``...)."""
+    if spec not in metrics or not isinstance(metrics[spec], int | float):
+        raise ConfigError(f"objective={spec} is not a numeric metric of this run; choose from: "
+                          + ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, int | float))))
+    return float(metrics[spec])
+
+
+def write_outputs(out: Path, metrics: dict[str, Any], records: list[dict[str, Any]], env: dict[str, Any]) -> None:
+    """predictions.jsonl and env.json first, metrics.json last; each written to a temp file and renamed."""
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic(out / "predictions.jsonl", "".join(json.dumps(_slim(r), ensure_ascii=False) + "\n" for r in records))
+    _atomic(out / "env.json", json.dumps(env, indent=2))
+    _atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
+
+
+def _slim(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if k != "per_layer"}
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

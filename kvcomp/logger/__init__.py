@@ -1,0 +1,1 @@
+"""Registry kind `logger`: one module per component; modules here register themselves."""

@@ -1,0 +1,1 @@
+"""Registry kind `propagator`: one module per component; modules here register themselves."""

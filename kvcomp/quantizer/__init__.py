@@ -1,0 +1,1 @@
+"""Registry kind `quantizer`: one module per component; modules here register themselves."""

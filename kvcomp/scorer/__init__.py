@@ -1,0 +1,1 @@
+"""Registry kind `scorer`: one module per component; modules here register themselves."""

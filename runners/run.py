@@ -1,0 +1,75 @@
+"""CLI: ``python -m runners.run +experiment=<name> [overrides]`` (``-m`` for sweeps).
+
+A thin ``@hydra.main`` around ``kvcomp.experiment.run``. Bad input prints one ``error:`` line, exits 2
+and leaves no half-written run dir.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from kvcomp.errors import KvcompError, unknown_choice
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("model", "compressor", "quantizer", "propagation", "task", "logger", "experiment")
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Reject ``group=nosuch`` before Hydra starts, with the group's options and the closest one."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key not in GROUPS or not value or any(ch in value for ch in ",()*[]${}"):
+            continue  # sweeps and interpolations are Hydra's to check
+        options = sorted(p.relative_to(CONF / key).with_suffix("").as_posix()
+                         for p in (CONF / key).rglob("*.yaml"))
+        if value not in options:
+            raise unknown_choice(key, value, options)
+
+
+def _discard(out: Path) -> None:
+    """Remove a run dir that did not finish (no metrics.json), so no half-written results remain."""
+    if out.exists() and not (out / "metrics.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from kvcomp.experiment import run
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    try:
+        metrics = run(cfg, out)
+    except KvcompError as e:
+        _discard(out)
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # the sweeper records the trial as failed and goes on
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except BaseException:
+        _discard(out)
+        raise
+    print(f"run dir: {out}\nscore: {metrics.get('score')}  objective: {metrics['objective']:.6g}")
+    return metrics["objective"]
+
+
+def cli() -> None:
+    try:
+        check_overrides(sys.argv[1:])
+    except KvcompError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    main()
+
+
+if __name__ == "__main__":
+    cli()
