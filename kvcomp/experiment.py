@@ -123,9 +123,12 @@ def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) 
         if c.get("compare_baseline"):
             metrics.update(_baseline(model, tok, parts.task, samples, metrics))
         metrics["objective"] = objective(metrics, c.get("objective", "score"))
+        images = parts.task.artifacts(records, out) if out is not None else {}
         if out is not None:
             write_outputs(out, metrics, records, env_info(engine.device))
         parts.logger.log_metrics(metrics)
+        for img_name, path in images.items():
+            parts.logger.log_image(img_name, path)
         if metrics.get("per_layer"):
             parts.logger.log_table("per_layer", metrics["per_layer"])
         ok = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kvcomp.errors import ConfigError
@@ -49,6 +50,10 @@ class Task:
         """Task metrics; ``score`` is 0-100."""
         n = len(records)
         return {"score": round(100.0 * sum(r["score"] for r in records) / n, 2) if n else 0.0}
+
+    def artifacts(self, records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+        """Write extra files (plots) into the run dir; returns name -> path (logged as images)."""
+        return {}
 
 
 def positive(key: str, value: Any, allow_zero: bool = False) -> None:
