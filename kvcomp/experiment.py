@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,8 @@ def seed_everything(seed: int) -> None:
 
 def evaluate(engine: Engine, task: Any, samples: list[Any], desc: str) -> list[dict[str, Any]]:
     """Run and score every sample (progress bar); returns predictions.jsonl records."""
-    return [task.run_sample(engine, s) for s in tqdm(samples, desc=desc, unit="sample", leave=False)]
+    bar = tqdm(samples, desc=desc, unit="sample", leave=False, mininterval=0.1 if sys.stderr.isatty() else 15)
+    return [task.run_sample(engine, s) for s in bar]
 
 
 def aggregate(task: Any, records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,76 @@
+"""The CLI end to end on tiny_llama, and bad input failing cleanly (one line, exit 2, no metrics.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+METRIC_KEYS = {"task", "score", "n_samples", "ttft_s", "tokens_per_s", "peak_rss_bytes", "kv_bytes",
+               "kv_bytes_fp16", "compression_ratio", "memory_savings", "objective"}
+
+
+def cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "runners.run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob(".hydra/config.yaml"))
+
+
+def test_tiny_end_to_end(tmp_path: Path) -> None:
+    r = cli(["+experiment=demo", "model=tiny_llama", f"hydra.run.dir={tmp_path}/run"], REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "run"
+    m = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(m)
+    assert m["n_samples"] == 3 and 0 <= m["score"] <= 100
+    assert m["compression_ratio"] == pytest.approx(m["kv_bytes_fp16"] / m["kv_bytes"])
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 and {"id", "prompt_len", "prediction", "answers", "score"} <= set(preds[0])
+    env = json.loads((out / "env.json").read_text())
+    assert env["versions"]["torch"] and env["device"] == "cpu" and "torch_threads" in env
+    assert (out / ".hydra" / "config.yaml").exists()
+
+
+def test_same_seed_same_metrics(tmp_path: Path) -> None:
+    from conftest import compose
+
+    from kvcomp.experiment import run
+
+    cfg = compose(["+experiment=demo", "model=tiny_llama", "task.context_length=300"])
+    a, b = run(cfg), run(cfg)
+    assert a["score"] == b["score"] and a["kv_bytes"] == b["kv_bytes"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["quantizer=nosuch"], "quantizer=nosuch is not one of"),
+    (["+experiment=demo", "model=tiny_llama", "task.context_length=-1"], "task.context_length=-1"),
+    (["model=tiny_llama", "+experiment=nosuch"], "experiment=nosuch is not one of"),
+    (["model=tiny_llama", "+compressor.chunk_sz=3"], "compressor.chunk_sz"),
+    (["model=tiny_llama", "quantizer=none", "model.device=cuda:7"], "model.device"),
+])
+def test_bad_overrides_fail_cleanly(tmp_path: Path, args: list[str], needle: str) -> None:
+    if "cuda" in " ".join(args):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU exists here")
+    r = cli([*args, f"hydra.run.dir={tmp_path}/run"], REPO)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not list(tmp_path.rglob("metrics.json")) and not (tmp_path / "run").exists()
+
+
+def test_print_composed_config() -> None:
+    r = cli(["+experiment=demo", "--cfg", "job"], REPO)
+    assert r.returncode == 0 and "exp_name: demo" in r.stdout and "name: passkey" in r.stdout
