@@ -55,8 +55,9 @@ def test_target_that_cannot_import() -> None:
 
 def test_keys_checked_before_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     """A bad key fails in build_parts, before load_model is ever called."""
-    import kvcomp.experiment as ex
     from conftest import compose
+
+    import kvcomp.experiment as ex
 
     called = []
     monkeypatch.setattr(ex, "load_model", lambda *a, **k: called.append(1))
