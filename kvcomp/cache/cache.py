@@ -17,25 +17,36 @@ if TYPE_CHECKING:
 class CompressedCache(Cache):
     """One ``CompressedLayer`` per decoder layer. ``get_seq_length()`` stays absolute (tokens seen).
 
-    ``positions``: a propagator may set the absolute positions of the next tokens of a layer (when it
-    dropped tokens from the hidden states); otherwise they follow on from the tokens seen.
-    ``policy``: optional precision policy giving each flushed token a bit width (0 = drop).
+    Hooks the compressor drives (all optional):
+
+    - ``pending_positions[l]``: absolute positions of the tokens entering layer ``l`` (a propagator sets
+      them after dropping hidden states); otherwise positions follow on from the tokens seen;
+    - ``guide_appended``: trailing tokens of the current forward (a question appended to a prefill chunk)
+      that attention sees but the cache never stores;
+    - ``scoring``: an object with ``score(layer_idx, keys, new_keys, positions, n_store) -> [n_store]``
+      giving each stored token an importance; scores of layer ``l`` are kept in ``layer_scores[l]``;
+    - ``policy``: maps those scores to bits per token (0 = drop) when tokens are flushed.
     """
 
-    def __init__(self, model: Any, quantizer: Quantizer, policy: PrecisionPolicy | None = None) -> None:
+    def __init__(self, model: Any, quantizer: Quantizer, policy: PrecisionPolicy | None = None,
+                 scoring: Any = None) -> None:
         n_layers = model.config.num_hidden_layers
-        rotary = find_rotary(model) if quantizer.pre_rope else None
+        rotary = find_rotary(model)
         if quantizer.pre_rope and rotary is None:
             raise ValueError("quantizer.pre_rope=true needs a model with a rotary_emb module; set it to false")
-        rope = Rope(rotary) if rotary is not None else None
-        super().__init__(layers=[CompressedLayer(i, quantizer, rope, self) for i in range(n_layers)])
+        self.rope = Rope(rotary) if rotary is not None else None
+        layers = [CompressedLayer(i, quantizer, self.rope, self) for i in range(n_layers)]
+        super().__init__(layers=layers)
         self.quantizer = quantizer
         self.policy = policy
+        self.scoring = scoring
         self.pending_positions: dict[int, torch.Tensor] = {}
+        self.layer_scores: dict[int, torch.Tensor] = {}
+        self.guide_appended = 0
 
     # -- hooks used by the layers ------------------------------------------------------------------
     def take_positions(self, layer_idx: int, seen: int, q: int, device: torch.device) -> torch.Tensor:
-        """Absolute positions [q] of the tokens a layer is about to store."""
+        """Absolute positions [q] of the tokens a layer receives in this forward."""
         pos = self.pending_positions.pop(layer_idx, None)
         if pos is None:
             return torch.arange(seen, seen + q, device=device)
@@ -43,8 +54,17 @@ class CompressedCache(Cache):
             raise RuntimeError(f"layer {layer_idx}: {pos.numel()} pending positions for {q} new tokens")
         return pos.to(device)
 
-    def token_bits(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
-        return None if self.policy is None else self.policy(layer_idx, k, v, pos)
+    def score(self, layer_idx: int, keys: torch.Tensor, new_keys: torch.Tensor, positions: torch.Tensor,
+              n_store: int) -> torch.Tensor | None:
+        """Importance [n_store] of the stored new tokens (None without a scorer or during decode)."""
+        if self.scoring is None or new_keys.shape[-2] == 1:
+            return None
+        s = self.scoring.score(self, layer_idx, keys, new_keys, positions, n_store)
+        self.layer_scores[layer_idx] = s
+        return s
+
+    def token_bits(self, layer_idx: int, scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+        return None if self.policy is None else self.policy(layer_idx, scores, pos)
 
     # -- statistics --------------------------------------------------------------------------------
     @property
@@ -90,6 +110,7 @@ def summarize(layers: list[dict[str, Any]], shape: tuple[int, int, int]) -> dict
         "tokens_seen": max((ls["tokens_seen"] for ls in layers), default=0),
         "tokens_held": sum(ls["tokens_held"] for ls in layers),
         "tokens_dropped": sum(ls["tokens_dropped"] for ls in layers),
+        "sink_tokens": sum(ls.get("sink_tokens", 0) for ls in layers),
         "per_layer": layers,
     }
 

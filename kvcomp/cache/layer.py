@@ -21,8 +21,8 @@ from kvcomp.cache.storage import Stored, nbytes, numel
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
 
-#: policy(layer_idx, keys_pre, values, positions) -> token_bits [T] (0 = drop) or None
-PrecisionPolicy = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+#: policy(layer_idx, scores [T] (NaN = unscored), positions [T]) -> token_bits [T] (0 = drop) or None
+PrecisionPolicy = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -52,6 +52,7 @@ class CompressedLayer(CacheLayerMixin):
         self.res_k: torch.Tensor | None = None  # [B, H, R, D] (pre-RoPE when rope is set)
         self.res_v: torch.Tensor | None = None
         self.res_pos: torch.Tensor | None = None  # int32 [R]
+        self.res_score: torch.Tensor | None = None  # float32 [R] importance (NaN = unscored)
         self.state: dict[str, Any] = self.quantizer.init_state()
         self.seen = 0  # absolute tokens processed (the sequence length the model sees)
         self.dropped = 0
@@ -85,9 +86,13 @@ class CompressedLayer(CacheLayerMixin):
         else:
             keys = torch.cat([hist_k.to(key_states.dtype), key_states], dim=-2)
             values = torch.cat([hist_v.to(value_states.dtype), value_states], dim=-2)
+        # the last `guide` tokens (a question appended to a prefill chunk) are attended to, never stored
+        store = q - self.owner.guide_appended
+        scores = self.owner.score(self.layer_idx, keys, key_states, positions, store)
         k_store = self.rope.invert(key_states, positions).to(key_states.dtype) if self.rope else key_states
-        self._append(k_store, value_states, positions.to(torch.int32))
-        self.seen += q
+        self._append(k_store[..., :store, :], value_states[..., :store, :], positions[:store].to(torch.int32),
+                     scores)
+        self.seen += store
         self._flush(decode=q == 1)
         return keys, values
 
@@ -109,13 +114,16 @@ class CompressedLayer(CacheLayerMixin):
             k = self.rope.apply(k, torch.cat(pos)).to(self.dtype)
         return k, v
 
-    def _append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+    def _append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor | None) -> None:
+        if score is None:
+            score = torch.full((pos.numel(),), float("nan"), device=pos.device)
         if self.res_k is None:
-            self.res_k, self.res_v, self.res_pos = k, v, pos
+            self.res_k, self.res_v, self.res_pos, self.res_score = k, v, pos, score.float()
         else:
             self.res_k = torch.cat([self.res_k, k], dim=-2)
             self.res_v = torch.cat([self.res_v, v], dim=-2)
             self.res_pos = torch.cat([self.res_pos, pos])
+            self.res_score = torch.cat([self.res_score, score.float()])
 
     def _flush(self, decode: bool) -> None:
         """Move residual tokens older than ``residual_length`` into packed segments."""
@@ -124,17 +132,20 @@ class CompressedLayer(CacheLayerMixin):
         if extra <= 0 or (decode and extra < self.quantizer.flush_group):
             return
         k, v, pos = self.res_k[..., :extra, :], self.res_v[..., :extra, :], self.res_pos[:extra]
+        score = self.res_score[:extra]
         if extra == n:
-            self.res_k = self.res_v = self.res_pos = None
+            self.res_k = self.res_v = self.res_pos = self.res_score = None
         else:
             self.res_k = self.res_k[..., extra:, :].contiguous()
             self.res_v = self.res_v[..., extra:, :].contiguous()
             self.res_pos = self.res_pos[extra:].clone()
-        self.compress(k, v, pos)
+            self.res_score = self.res_score[extra:].clone()
+        self.compress(k, v, pos, score)
 
-    def compress(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """Quantize ``[B, H, T, D]`` tokens at ``pos`` [T] (with the owner's precision policy, if any)."""
-        bits = self.owner.token_bits(self.layer_idx, k, v, pos)
+    def compress(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor) -> None:
+        """Quantize ``[B, H, T, D]`` tokens at ``pos`` [T]; the owner's precision policy maps their
+        importance ``score`` [T] to bits per token (0 = drop)."""
+        bits = self.owner.token_bits(self.layer_idx, score, pos)
         if bits is not None:
             keep = bits > 0
             if not bool(keep.all()):
@@ -159,9 +170,12 @@ class CompressedLayer(CacheLayerMixin):
             vb += self.res_v.nbytes
             k_el += self.res_k.numel()
             v_el += self.res_v.numel()
-        idx_b = sum(p.nbytes for p in self.pos_blocks) + (0 if self.res_pos is None else self.res_pos.nbytes)
+        idx_b = sum(p.nbytes for p in self.pos_blocks)
+        idx_b += sum(t.nbytes for t in (self.res_pos, self.res_score) if t is not None)
         st_b = sum(t.nbytes for t in _tensors(self.state))
         outl = sum(b.n_outliers for b in self.k_blocks) + sum(b.n_outliers for b in self.v_blocks)
+        n_sink = self.quantizer.sink_bits()[0] if hasattr(self.quantizer, "sink_bits") else 0
+        sinks = sum(int((p < n_sink).sum()) for p in self.pos_blocks) if n_sink else 0
         return {
             "layer": self.layer_idx,
             "tokens_seen": self.seen,
@@ -176,6 +190,7 @@ class CompressedLayer(CacheLayerMixin):
             "key_elements": k_el,
             "value_elements": v_el,
             "outliers": outl,
+            "sink_tokens": sinks,
             "avg_key_bits": 8 * kb / k_el if k_el else 0.0,
             "avg_value_bits": 8 * vb / v_el if v_el else 0.0,
         }
@@ -183,7 +198,7 @@ class CompressedLayer(CacheLayerMixin):
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor held (for the kv_bytes == sum of nbytes check)."""
         out = [t for b in self.k_blocks + self.v_blocks for t in b.tensors()] + list(self.pos_blocks)
-        out += [t for t in (self.res_k, self.res_v, self.res_pos) if t is not None]
+        out += [t for t in (self.res_k, self.res_v, self.res_pos, self.res_score) if t is not None]
         return out + _tensors(self.state)
 
     def crop(self, tokens_to_remove: int) -> None:

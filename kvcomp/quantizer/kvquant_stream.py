@@ -1,0 +1,113 @@
+"""``quantizer=kvquant_stream``: streaming KVQuant — pre-RoPE per-channel keys, per-token/group values,
+EMA-absmax statistics updated chunk by chunk (no offline calibration), attention sinks and outlier
+channels at a higher width.
+
+Statistics per layer (``state``): ``a_k``, ``a_v`` ``[B, H, 1, D]`` = running EMA of per-channel absmax::
+
+    a <- m_c                                   (first chunk; m_c = max_t |x[..., t, :]| of chunk c)
+    a <- ema_decay * a + (1 - ema_decay) * m_c (later chunks and decode flush groups)
+
+Outlier channels: ``(h, d)`` with ``a[h, d] > outlier_threshold_relative * median(a)`` (or above
+``outlier_threshold_abs`` when set) are stored apart at ``*_bits_sink_outlier`` bits (``ChannelSplit``).
+Keys ``[B, H, T, D]``: per-channel asymmetric INT-``key_bits_normal`` over the chunk (KVQuant's
+per-channel keys); values: per-token with ``value_quant_groups`` groups over the channels (0 =
+per-channel like keys). Tokens at positions < ``attention_sink_size`` are stored at the sink widths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvcomp.cache.quant import ChannelSplit, columns, half_safe, quantize
+from kvcomp.cache.storage import Dense, Stored
+from kvcomp.errors import ConfigError
+from kvcomp.quantizer.base import Quantizer, check_bits
+from kvcomp.registry import QUANTIZERS
+
+
+def ema_update(state: dict[str, Any], key: str, m: torch.Tensor, decay: float) -> torch.Tensor:
+    """EMA of a statistic ``m`` in ``state[key]`` (initialised with the first value); returns it."""
+    prev = state.get(key)
+    state[key] = m.float() if prev is None else decay * prev + (1.0 - decay) * m.float()
+    return state[key]
+
+
+@QUANTIZERS.register("kvquant_stream")
+@dataclass
+class KVQuantStream(Quantizer):
+    """Streaming KVQuant with the method's defaults (INT4, 4 sinks at 8 bit, outlier channels at 8 bit)."""
+
+    chunk_size: int = 512
+    ema_decay: float = 0.9
+    attention_sink_size: int = 4
+    key_bits_normal: int = 4
+    value_bits_normal: int = 4
+    key_bits_sink_outlier: int = 8
+    value_bits_sink_outlier: int = 8
+    outlier_detection_enabled: bool = True
+    outlier_threshold_relative: float = 3.0
+    outlier_threshold_abs: float | None = None
+    value_quant_groups: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("key_bits_normal", "value_bits_normal", "key_bits_sink_outlier", "value_bits_sink_outlier"):
+            check_bits(f"quantizer.{key}", getattr(self, key), (2, 3, 4, 8, 16))
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 0:
+            raise ConfigError(f"quantizer.chunk_size={self.chunk_size} must be an integer >= 0")
+        if not 0.0 <= float(self.ema_decay) < 1.0:
+            raise ConfigError(f"quantizer.ema_decay={self.ema_decay} must be in [0, 1)")
+        if not isinstance(self.attention_sink_size, int) or self.attention_sink_size < 0:
+            raise ConfigError(f"quantizer.attention_sink_size={self.attention_sink_size} must be an integer >= 0")
+        if float(self.outlier_threshold_relative) <= 0:
+            raise ConfigError(f"quantizer.outlier_threshold_relative={self.outlier_threshold_relative} must be > 0")
+        if not isinstance(self.value_quant_groups, int) or self.value_quant_groups < 0:
+            raise ConfigError(f"quantizer.value_quant_groups={self.value_quant_groups} must be an integer >= 0 "
+                              "(0 = per-channel)")
+
+    def observe(self, keys: torch.Tensor, values: torch.Tensor, state: dict[str, Any]) -> None:
+        ema_update(state, "a_k", keys.abs().amax(dim=-2, keepdim=True), self.ema_decay)
+        ema_update(state, "a_v", values.abs().amax(dim=-2, keepdim=True), self.ema_decay)
+
+    def widths(self, state: dict[str, Any]) -> tuple[int, int]:
+        return self.key_bits_normal, self.value_bits_normal
+
+    def sink_bits(self) -> tuple[int, int, int]:
+        return self.attention_sink_size, self.key_bits_sink_outlier, self.value_bits_sink_outlier
+
+    def outlier_columns(self, a: torch.Tensor) -> torch.Tensor | None:
+        """Flat ``h * D + d`` indices (int32) of outlier channels from EMA absmax ``a`` [B, H, 1, D]."""
+        if not self.outlier_detection_enabled:
+            return None
+        a = a.amax(dim=0).reshape(-1)  # [H * D], shared by the batch
+        if self.outlier_threshold_abs is not None:
+            mask = a > float(self.outlier_threshold_abs)
+        else:
+            mask = a > float(self.outlier_threshold_relative) * a.median()
+        cols = mask.nonzero().squeeze(1).to(torch.int32)
+        return cols if 0 < cols.numel() < a.numel() else None
+
+    def _one(self, x: torch.Tensor, bits: int, high: int, axis: str, group: int, a: torch.Tensor) -> Stored:
+        cols = self.outlier_columns(a) if high > bits else None
+        if cols is None:
+            return quantize(x, bits, axis, group)
+        rest, special = columns(x, cols)
+        if axis == "token" and group:
+            n_groups = x.shape[1] * max(1, x.shape[-1] // group)  # keep the number of groups per token
+            group = -(-rest.shape[-1] // n_groups)
+        normal = quantize(rest, bits, axis, group)
+        hi = quantize(special, high, "channel", 0) if high < 16 else Dense(half_safe(special))
+        return ChannelSplit(normal, hi, cols, tuple(x.shape))  # type: ignore[arg-type]
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, key_bits: int, value_bits: int,
+               state: dict[str, Any]) -> tuple[Stored, Stored]:
+        d = values.shape[-1]
+        v_axis = "channel" if self.value_quant_groups == 0 else "token"
+        v_group = 0 if self.value_quant_groups == 0 else max(1, d // self.value_quant_groups)
+        k = self._one(keys, key_bits, self.key_bits_sink_outlier, "channel", 0, state["a_k"])
+        v = self._one(values, value_bits, self.value_bits_sink_outlier, v_axis, v_group, state["a_v"])
+        return k, v
+
