@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from kvcomp.cache import cache_stats
-from kvcomp.profiler import MemoryProfiler, Timer
+from kvcomp.profiler import MemoryProfiler, Timer, release_memory
 
 #: called with (logits [B, q, V] of one chunk, start offset of the chunk); lets a task score tokens
 LogitsFn = Callable[[torch.Tensor, int], None]
@@ -39,6 +39,8 @@ def prefill(
             on_logits(out.logits, start)
         last = out.logits[:, -1, :]
         del out
+        if step < t:
+            release_memory(input_ids.device)
     assert last is not None, "empty input"
     return last
 

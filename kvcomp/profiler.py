@@ -11,6 +11,7 @@ import psutil
 import torch
 
 _STATUS = Path("/proc/self/status")
+_LIBC: Any = None
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -31,6 +32,28 @@ def _hwm_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def release_memory(device: torch.device | None = None) -> None:
+    """Give freed host memory back to the OS (glibc ``malloc_trim``) between prefill chunks.
+
+    Chunked prefill frees and reallocates activation buffers of growing sizes (the dequantized history
+    of each layer); glibc keeps those holes in its heap, so RSS would track the sum of past chunks
+    instead of what is live. No-op off glibc and on CUDA (PyTorch's caching allocator reuses blocks).
+    """
+    global _LIBC
+    if device is not None and device.type != "cpu":
+        return
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 class MemoryProfiler:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from kvcomp.cache.rope import Rope
-from kvcomp.cache.storage import Stored, nbytes, numel
+from kvcomp.cache.rope import Rope, rotate
+from kvcomp.cache.storage import Dense, Stored, nbytes, numel
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
@@ -80,12 +80,7 @@ class CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         positions = self.owner.take_positions(self.layer_idx, self.seen, q, key_states.device)
-        hist_k, hist_v = self.materialize()
-        if hist_k is None:
-            keys, values = key_states, value_states
-        else:
-            keys = torch.cat([hist_k.to(key_states.dtype), key_states], dim=-2)
-            values = torch.cat([hist_v.to(value_states.dtype), value_states], dim=-2)
+        keys, values = self.materialize(key_states, value_states)
         # the last `guide` tokens (a question appended to a prefill chunk) are attended to, never stored
         store = q - self.owner.guide_appended
         scores = self.owner.score(self.layer_idx, keys, key_states, positions, store)
@@ -97,22 +92,38 @@ class CompressedLayer(CacheLayerMixin):
         return keys, values
 
     # -- storage -------------------------------------------------------------------------------------
-    def materialize(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Dequantized history ``[B, H, held, D]`` (post-RoPE keys) in the model dtype, or (None, None)."""
-        ks = [b.dequantize(self.dtype) for b in self.k_blocks]
-        vs = [b.dequantize(self.dtype) for b in self.v_blocks]
-        pos = list(self.pos_blocks)
+    def materialize(self, new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Dequantized history (post-RoPE keys) followed by ``new_k``/``new_v`` as given: ``[B, H, held + q, D]``
+        in the model dtype, written block by block into one buffer (transients stay block-sized)."""
+        kb, vb, pb = list(self.k_blocks), list(self.v_blocks), list(self.pos_blocks)
         if self.res_k is not None:
-            ks.append(self.res_k)
-            vs.append(self.res_v)
-            pos.append(self.res_pos)
-        if not ks:
-            return None, None
-        k = torch.cat(ks, dim=-2) if len(ks) > 1 else ks[0]
-        v = torch.cat(vs, dim=-2) if len(vs) > 1 else vs[0]
+            kb.append(Dense(self.res_k))
+            vb.append(Dense(self.res_v))
+            pb.append(self.res_pos)
+        if not kb:
+            return new_k, new_v
+        held = sum(int(p.numel()) for p in pb)
+        q = 0 if new_k is None else new_k.shape[-2]
+        b, h, _, d = kb[0].shape
+        keys = torch.empty(b, h, held + q, d, dtype=self.dtype, device=self.device)
+        values = torch.empty(b, h, held + q, d, dtype=self.dtype, device=self.device)
+        cos = sin = None
         if self.rope is not None:
-            k = self.rope.apply(k, torch.cat(pos)).to(self.dtype)
-        return k, v
+            cos, sin = self.rope.cos_sin(torch.cat(pb))
+        o = 0
+        for kblk, vblk, p in zip(kb, vb, pb, strict=True):
+            n = int(p.numel())
+            k = kblk.dequantize(self.dtype)
+            if cos is not None:
+                k = rotate(k, cos[o : o + n], sin[o : o + n])
+            keys[..., o : o + n, :] = k
+            values[..., o : o + n, :] = vblk.dequantize(self.dtype)
+            o += n
+        if q:
+            keys[..., held:, :] = new_k
+            values[..., held:, :] = new_v
+        return keys, values
 
     def _append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor | None) -> None:
         if score is None:

@@ -27,6 +27,12 @@ def find_rotary(model: Any) -> Any | None:
     return None
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` in fp32; cos/sin [T, D] broadcast over [B, H, T, D]."""
+    x = x.float()
+    return x * cos + rotate_half(x) * sin
+
+
 class Rope:
     """cos/sin ``[T, D]`` (fp32) for arbitrary absolute positions, memoised for the last query."""
 
@@ -52,8 +58,7 @@ class Rope:
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate pre-RoPE ``x`` [B, H, T, D] to post-RoPE at ``positions`` [T]; result in fp32."""
         cos, sin = self.cos_sin(positions)
-        x = x.float()
-        return x * cos + rotate_half(x) * sin
+        return rotate(x, cos, sin)
 
     def invert(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Undo RoPE on post-RoPE ``x`` [B, H, T, D]; result in fp32."""
