@@ -24,14 +24,14 @@ demo: $(STAMP)
 	$(BIN)/python -m runners.run +experiment=demo
 
 test: $(STAMP)
-	$(BIN)/python -m ruff check kvcomp runners tests benchmarks
+	$(BIN)/python -m ruff check kvcomp runners tests benchmarks hydra_plugins
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check kvcomp runners tests benchmarks
+	$(BIN)/python -m ruff check kvcomp runners tests benchmarks hydra_plugins
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.quant

@@ -124,7 +124,7 @@ def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) 
         metrics = {"task": c["task"]["name"], "experiment": name, **aggregate(parts.task, records)}
         if c.get("compare_baseline"):
             metrics.update(_baseline(model, tok, parts.task, samples, metrics))
-        metrics["objective"] = objective(metrics, c.get("objective", "score"))
+        metrics["objective"] = objective(metrics, c.get("objective", "score"), c.get("budget_kv_bytes"))
         images = parts.task.artifacts(records, out) if out is not None else {}
         if out is not None:
             write_outputs(out, metrics, records, env_info(engine.device))
@@ -163,11 +163,28 @@ def _fmt(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
-def objective(metrics: dict[str, Any], spec: str) -> float:
-    """The number a sweeper optimises: a metric name (``score``, ``ppl``, ``kv_bytes``...)."""
+def objective(metrics: dict[str, Any], spec: Any, budget_kv_bytes: float | None = None) -> float | list[float]:
+    """The value(s) a sweeper optimises, from ``objective=``:
+
+    - a metric name (``score``, ``ppl``, ``kv_bytes``...): that metric;
+    - ``score_under_budget`` (needs ``budget_kv_bytes``): ``score`` while ``kv_bytes`` fits the budget,
+      else ``-100 * (kv_bytes / budget - 1)`` (below any feasible score, worse the further over);
+    - a list (``objective=[score,kv_bytes]``): one value per name, for multi-objective sweeps.
+    """
+    if isinstance(spec, list | tuple):
+        if not spec:
+            raise ConfigError("objective=[] names no metric; e.g. objective=[score,kv_bytes]")
+        return [objective(metrics, s, budget_kv_bytes) for s in spec]  # type: ignore[misc]
+    spec = str(spec)
+    if spec == "score_under_budget":
+        if budget_kv_bytes is None or float(budget_kv_bytes) <= 0:
+            raise ConfigError("objective=score_under_budget needs budget_kv_bytes=<bytes> (a positive number)")
+        kv, score = objective(metrics, "kv_bytes"), objective(metrics, "score")
+        return score if kv <= float(budget_kv_bytes) else -100.0 * (kv / float(budget_kv_bytes) - 1.0)
     if spec not in metrics or not isinstance(metrics[spec], int | float):
         raise ConfigError(f"objective={spec} is not a numeric metric of this run; choose from: "
-                          + ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, int | float))))
+                          + ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, int | float)))
+                          + ", score_under_budget, or a list of them")
     return float(metrics[spec])
 
 

@@ -42,24 +42,42 @@ def _discard(out: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | list[float] | None:
     from kvcomp.experiment import run
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     try:
         metrics = run(cfg, out)
-    except KvcompError as e:
-        _discard(out)
+    except Exception as e:
         if hc.mode == RunMode.MULTIRUN:
-            raise  # the sweeper records the trial as failed and goes on
+            return _failed(out, e)  # recorded; the sweep goes on (Optuna tells the trial FAIL)
+        _discard(out)
+        if not isinstance(e, KvcompError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except BaseException:
         _discard(out)
         raise
-    print(f"run dir: {out}\nscore: {metrics.get('score')}  objective: {metrics['objective']:.6g}")
+    print(f"run dir: {out}\nscore: {metrics.get('score')}  objective: {metrics['objective']}")
     return metrics["objective"]
+
+
+def _failed(out: Path, e: Exception) -> None:
+    """A sweep's run that raised: log it, keep only ``.hydra/`` and the log, add ``failed.json`` (error and
+    traceback) and return None, so the sweep goes on and the report lists the run as failed."""
+    import json
+    import logging
+    import traceback
+
+    logging.getLogger("runners.run").error("run failed: %s: %s", type(e).__name__, e)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.iterdir():
+        if p.name != ".hydra" and p.suffix != ".log":
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    tb = "".join(traceback.format_exception(e))
+    (out / "failed.json").write_text(json.dumps({"error": f"{type(e).__name__}: {e}", "traceback": tb}, indent=2))
 
 
 def cli() -> None:

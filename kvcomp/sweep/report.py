@@ -1,0 +1,178 @@
+"""Collect run dirs (a single run, a multirun, a resumed or partial sweep) into one table.
+
+Every directory holding ``.hydra/config.yaml`` is a run: ``ok`` with ``metrics.json``, ``failed`` with
+``failed.json``, ``incomplete`` otherwise (killed). Columns: the config keys whose values differ between
+runs, then the metrics. An ``optuna.db`` in the sweep dir adds each run's study, trial number and state.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+METRICS = ("score", "objective", "kv_bytes", "kv_bytes_fp16", "compression_ratio", "memory_savings",
+           "avg_key_bits", "avg_value_bits", "tokens_held", "tokens_dropped", "outlier_ratio", "ppl",
+           "quality_retention", "ttft_s", "ttft_speedup", "tokens_per_s", "peak_rss_bytes", "n_samples")
+SKIP_KEYS = ("hydra", "model.random", "logger")
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    status: str
+    config: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    trial: dict[str, Any] = field(default_factory=dict)
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become strings."""
+    if not isinstance(d, dict):
+        return {prefix: json.dumps(d) if isinstance(d, list) else d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def collect(root: str | Path, progress: bool = True) -> list[Run]:
+    """Every run dir under ``root`` (or ``root`` itself), sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory (pass a run dir or a multirun/sweep dir)")
+    dirs = sorted({p.parent.parent for p in root.rglob(".hydra/config.yaml")}, key=_sort_key)
+    runs = []
+    for d in tqdm(dirs, desc="runs", unit="run", disable=not progress or len(dirs) < 50):
+        cfg = yaml.safe_load((d / ".hydra" / "config.yaml").read_text()) or {}
+        name = d.relative_to(root).as_posix() if d != root else d.name
+        run = Run(d, name, "incomplete", flatten(cfg))
+        if (d / "metrics.json").exists():
+            run.status, run.metrics = "ok", json.loads((d / "metrics.json").read_text())
+        elif (d / "failed.json").exists():
+            run.status, run.error = "failed", json.loads((d / "failed.json").read_text()).get("error", "")
+        runs.append(run)
+    _attach_trials(root, runs)
+    return runs
+
+
+def _sort_key(p: Path) -> tuple:
+    return tuple((0, int(x), "") if x.isdigit() else (1, 0, x) for x in p.parts)
+
+
+def _attach_trials(root: Path, runs: list[Run]) -> None:
+    """Study name, trial number and state from ``<root>/optuna.db``, matched on each trial's run dir."""
+    db = root / "optuna.db"
+    if not db.exists():
+        return
+    from kvcomp.sweep.study import RUN_DIR
+
+    by_dir = {r.name: r for r in runs}
+    for name, trials in load_studies(f"sqlite:///{db.resolve()}").items():
+        for t in trials:
+            run = by_dir.get(str(t.system_attrs.get(RUN_DIR)))
+            if run is not None:
+                run.trial = {"study": name, "trial": t.number, "state": t.state.name}
+
+
+def load_studies(storage: str) -> dict[str, list[Any]]:
+    """``{study name: trials}`` of every study in ``storage``."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = {}
+    for s in optuna.get_all_study_summaries(storage=storage):
+        out[s.study_name] = optuna.load_study(study_name=s.study_name, storage=storage).get_trials(deepcopy=False)
+    return out
+
+
+def table(runs: list[Run]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns (run, status, trial info, differing config keys, metrics) and one row per run."""
+    keys = sorted({k for r in runs for k in r.config if not k.startswith(SKIP_KEYS)})
+    diff = [k for k in keys if len({json.dumps(r.config.get(k), default=str) for r in runs}) > 1]
+    metric_cols = [m for m in METRICS if any(m in r.metrics for r in runs)]
+    trial_cols = ["study", "trial", "state"] if any(r.trial for r in runs) else []
+    cols = ["run", "status", *trial_cols, *diff, *metric_cols, "error"]
+    rows = []
+    for r in runs:
+        row = {"run": r.name, "status": r.status, **r.trial, **{k: r.config.get(k) for k in diff}, "error": r.error}
+        for m in metric_cols:
+            v = r.metrics.get(m)
+            row[m] = json.dumps(v) if isinstance(v, list) else v
+        rows.append(row)
+    return cols, rows
+
+
+def _md(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return str(v).replace("|", "\\|").replace("\n", " ")[:80]
+
+
+def markdown(cols: list[str], rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_md(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, cols: list[str], rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def best_so_far(trials: list[Any], maximize: bool) -> list[tuple[int, float, float]]:
+    """``(trial number, value, best value so far)`` over the COMPLETE trials of a single-objective study."""
+    out: list[tuple[int, float, float]] = []
+    best = None
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state.name != "COMPLETE" or t.values is None or len(t.values) != 1:
+            continue
+        v = float(t.values[0])
+        best = v if best is None else (max(best, v) if maximize else min(best, v))
+        out.append((t.number, v, best))
+    return out
+
+
+def comparison(storage: str, studies: dict[str, str]) -> dict[str, list[tuple[int, float, float]]]:
+    """``{label: best_so_far}`` for each single-objective study ``{label: study name}`` in ``storage``."""
+    import optuna
+
+    out = {}
+    for label, name in studies.items():
+        study = optuna.load_study(study_name=name, storage=storage)
+        if len(study.directions) == 1:
+            maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+            out[label] = best_so_far(study.get_trials(deepcopy=False), maximize)
+    return out
+
+
+def write_comparison(storage: str, studies: dict[str, str], out_dir: str | Path) -> list[Path]:
+    """``comparison.csv`` (every trial), ``comparison.md`` (one row per sampler) and ``comparison.png``."""
+    from kvcomp.sweep.plots import plot_comparison
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = comparison(storage, studies)
+    rows = [{"sampler": k, "trial": n, "value": v, "best_so_far": b} for k, c in curves.items() for n, v, b in c]
+    write_csv(out_dir / "comparison.csv", ["sampler", "trial", "value", "best_so_far"], rows)
+    summary = [{"sampler": k, "complete_trials": len(c), "best_value": c[-1][2] if c else None,
+                "best_at_trial": next((n for n, _, b in c if c and b == c[-1][2]), None)}
+               for k, c in curves.items()]
+    cols = ["sampler", "complete_trials", "best_value", "best_at_trial"]
+    (out_dir / "comparison.md").write_text(markdown(cols, summary), encoding="utf-8")
+    paths = [out_dir / "comparison.csv", out_dir / "comparison.md"]
+    if plot_comparison(curves, out_dir / "comparison.png"):
+        paths.append(out_dir / "comparison.png")
+    return paths
