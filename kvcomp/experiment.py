@@ -25,7 +25,7 @@ from kvcomp.engine import Engine
 from kvcomp.envinfo import env_info
 from kvcomp.errors import ConfigError
 from kvcomp.model import ModelConfig, load_model
-from kvcomp.registry import COMPRESSORS, LOGGERS, PROPAGATORS, QUANTIZERS, TASKS
+from kvcomp.registry import COMPRESSORS, LOGGERS, PROPAGATORS, QUANTIZERS, SCORERS, TASKS
 
 log = logging.getLogger(__name__)
 MEAN_KEYS = ("ttft_s", "decode_s", "tokens_per_s", "avg_rss_bytes", "kv_bytes", "kv_bytes_fp16",
@@ -57,10 +57,28 @@ def build_parts(cfg: DictConfig | dict[str, Any]) -> Parts:
             raise ConfigError(f"config group '{key}' is missing; pass {key}=<option>")
     quantizer = QUANTIZERS.build(c["quantizer"], "quantizer")
     propagator = PROPAGATORS.build(c["propagation"], "propagation")
-    compressor = COMPRESSORS.build(c["compressor"], "compressor", quantizer=quantizer, propagator=propagator)
+    parts: dict[str, Any] = {"quantizer": quantizer, "propagator": propagator}
+    if c.get("scorer"):
+        parts["scorer"] = SCORERS.build(c["scorer"], "scorer")
+    cname = str(c["compressor"].get("name", ""))
+    if cname == "none" and "scorer" in parts and getattr(parts["scorer"], "registry_name", "") != "none":
+        raise ConfigError(f"scorer={parts['scorer'].registry_name} needs compressor=unified (compressor=none "
+                          "is the plain full cache)")
+    parts = {k: v for k, v in parts.items() if k in _accepts(c["compressor"])}
+    compressor = COMPRESSORS.build(c["compressor"], "compressor", **parts)
     task = TASKS.build(c["task"], "task")
     logger = LOGGERS.build(c.get("logger") or {"name": "none"}, "logger")
     return Parts(ModelConfig(**c["model"]), compressor, task, logger)
+
+
+def _accepts(ccfg: dict[str, Any]) -> set[str]:
+    """Sub-component keywords the configured compressor class takes."""
+    import dataclasses
+
+    cls = COMPRESSORS.get(str(ccfg.get("name")), "compressor.name") if "name" in ccfg else None
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return {"quantizer", "propagator"}
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def seed_everything(seed: int) -> None:

@@ -26,15 +26,25 @@ def prefill(
     """Run ``input_ids`` [B, T] through ``model`` chunk by chunk into ``cache``; return last logits [B, V].
 
     Each chunk attends to the (compressed) history already in ``cache`` plus its own tokens. Logits are
-    computed only for the last position unless ``on_logits`` wants every position (perplexity).
+    computed only for the last position unless ``on_logits`` wants every position (perplexity). When the
+    cache has ``guide_ids`` (a question), they are appended to every non-final chunk so a prompt-guided
+    scorer sees the question's queries; the cache never stores their K/V.
     """
     t = input_ids.shape[1]
     step = chunk_size if chunk_size and chunk_size > 0 else t
+    guide = getattr(cache, "guide_ids", None)
+    if hasattr(cache, "prompt_len"):
+        cache.prompt_len = t
     last = None
     for start in range(0, t, step):
         chunk = input_ids[:, start : start + step]
         keep = 0 if on_logits is not None else 1  # 0 = all positions
+        if guide is not None and start + step < t:  # Finch-style: the question guides every chunk
+            chunk = torch.cat([chunk, guide.to(chunk.device)], dim=1)
+            cache.guide_appended = guide.shape[1]
         out = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        if guide is not None:
+            cache.guide_appended = 0
         if on_logits is not None:
             on_logits(out.logits, start)
         last = out.logits[:, -1, :]

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from kvcomp.experiment import build_parts
 
-GROUPS = ["model", "compressor", "quantizer", "propagation", "task", "logger"]
+GROUPS = ["model", "compressor", "quantizer", "propagation", "scorer", "task", "logger"]
 
 
 def options(group: str) -> list[str]:
@@ -17,7 +17,9 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes_and_builds(group: str, option: str) -> None:
-    extra = ["compressor=unified"] if group in ("quantizer", "propagation") else []
+    extra = ["compressor=unified"] if group in ("quantizer", "propagation", "scorer") else []
+    if group == "propagation" and option != "none":
+        extra.append("scorer=snapkv")  # dropping tokens needs importance scores
     cfg = compose([f"{group}={option}", *extra])
     assert cfg[group]["name"]
     if group != "model":  # hub models are only built, never loaded, here
@@ -34,7 +36,7 @@ def test_every_experiment_composes(exp: str) -> None:
 def test_defaults_have_no_experiment_entry() -> None:
     raw = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))
     names = [next(iter(d)) if isinstance(d, dict) else d for d in raw["defaults"]]
-    assert names == ["model", "compressor", "quantizer", "propagation", "task", "logger", "_self_"]
+    assert names == ["model", "compressor", "quantizer", "propagation", "scorer", "task", "logger", "_self_"]
 
 
 def test_experiment_files_only_override() -> None:

@@ -25,7 +25,8 @@ class CompressedCache(Cache):
       that attention sees but the cache never stores;
     - ``scoring``: an object with ``score(layer_idx, keys, new_keys, positions, n_store) -> [n_store]``
       giving each stored token an importance; scores of layer ``l`` are kept in ``layer_scores[l]``;
-    - ``policy``: maps those scores to bits per token (0 = drop) when tokens are flushed.
+    - ``policy``: maps those scores to bits per token (0 = drop, -1 = quantizer's width) when tokens are
+      flushed (``kvcomp.compressor.precision.Precision``).
     """
 
     def __init__(self, model: Any, quantizer: Quantizer, policy: PrecisionPolicy | None = None,
@@ -43,6 +44,8 @@ class CompressedCache(Cache):
         self.pending_positions: dict[int, torch.Tensor] = {}
         self.layer_scores: dict[int, torch.Tensor] = {}
         self.guide_appended = 0
+        self.guide_ids: torch.Tensor | None = None  # question ids appended to non-final prefill chunks
+        self.prompt_len = 0  # set by prefill (a budget in tokens becomes a ratio of it)
 
     # -- hooks used by the layers ------------------------------------------------------------------
     def take_positions(self, layer_idx: int, seen: int, q: int, device: torch.device) -> torch.Tensor:
@@ -64,7 +67,7 @@ class CompressedCache(Cache):
         return s
 
     def token_bits(self, layer_idx: int, scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
-        return None if self.policy is None else self.policy(layer_idx, scores, pos)
+        return None if self.policy is None else self.policy(scores, pos, self.prompt_len)
 
     # -- statistics --------------------------------------------------------------------------------
     @property

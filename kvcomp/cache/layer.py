@@ -21,8 +21,8 @@ from kvcomp.cache.storage import Dense, Stored, nbytes, numel
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
 
-#: policy(layer_idx, scores [T] (NaN = unscored), positions [T]) -> token_bits [T] (0 = drop) or None
-PrecisionPolicy = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+#: policy(scores [T] (NaN = unscored), positions [T], prompt_len) -> token_bits [T] (0 drop, -1 default) or None
+PrecisionPolicy = Callable[[torch.Tensor, torch.Tensor, int], "torch.Tensor | None"]
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -158,12 +158,14 @@ class CompressedLayer(CacheLayerMixin):
         importance ``score`` [T] to bits per token (0 = drop)."""
         bits = self.owner.token_bits(self.layer_idx, score, pos)
         if bits is not None:
-            keep = bits > 0
+            keep = bits != 0
             if not bool(keep.all()):
                 self.dropped += int((~keep).sum())
                 k, v, pos, bits = k[..., keep, :], v[..., keep, :], pos[keep], bits[keep]
             if pos.numel() == 0:
                 return
+            if bool((bits == -1).all()):
+                bits = None
         for seg in self.quantizer.compress(k, v, pos, self.state, bits):
             self.k_blocks.append(seg.keys)
             self.v_blocks.append(seg.values)

@@ -1,29 +1,77 @@
-"""``compressor=unified``: compressed cache + chunked prefill, composed from pluggable components.
+"""``compressor=unified``: compressed cache + chunked real-time prefill, composed from pluggable parts.
 
-quantizer (how tokens are stored) + propagator (which tokens reach later layers) — each switchable off
-with ``none`` — so an ablation is a pure config change.
+scorer (token importance, while prefill runs) + precision policy (scores -> bits or drop) + quantizer
+(how tokens are stored) + propagator (which tokens reach later layers). Each is switched off with
+``none`` (precision: ``mode: none``), so a component ablation is a pure config change. Parts talk
+through small interfaces only: the scorer declares the queries it needs and whether the question guides
+each chunk; the cache asks ``scoring.score(...)`` and ``policy(...)``; the propagator reads
+``cache.layer_scores``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from kvcomp.cache import CompressedCache
 from kvcomp.compressor.base import Compressor
+from kvcomp.compressor.precision import Precision
+from kvcomp.errors import ConfigError
+from kvcomp.propagator.base import decoder_layers
 from kvcomp.registry import COMPRESSORS
+from kvcomp.scorer.base import ScoreContext
+
+
+class Scoring:
+    """Per-sequence glue between the cache and a scorer: holds the queries captured from ``q_proj``."""
+
+    def __init__(self, scorer: Any, model: Any, window: int) -> None:
+        cfg = model.config
+        self.scorer = scorer
+        self.window = window  # trailing queries to keep (-1 = all)
+        self.n_layers = cfg.num_hidden_layers
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.queries: dict[int, torch.Tensor] = {}
+
+    def q_hook(self, layer_idx: int) -> Any:
+        def hook(module: Any, args: tuple, out: torch.Tensor) -> None:
+            if self.window != 0 and out.shape[1] > 1:  # prefill only
+                self.queries[layer_idx] = out if self.window < 0 else out[:, -self.window :]
+        return hook
+
+    def score(self, cache: CompressedCache, layer_idx: int, keys: torch.Tensor, new_keys: torch.Tensor,
+              positions: torch.Tensor, n_store: int) -> torch.Tensor:
+        q = new_keys.shape[-2]
+        pre = cache.rope.invert(new_keys, positions) if cache.rope is not None else new_keys
+        raw = self.queries.pop(layer_idx, None)  # [B, W, H_q * D] pre-RoPE
+        queries = None
+        if raw is not None:
+            b, w, _ = raw.shape
+            w = min(w, q)
+            qh = raw[:, -w:].reshape(b, w, -1, self.head_dim).transpose(1, 2)
+            queries = cache.rope.apply(qh, positions[-w:]) if cache.rope is not None else qh.float()
+        ctx = ScoreContext(layer_idx, self.n_layers, keys, pre, queries, positions, n_store,
+                           keys.shape[-2] - q, self.scaling, int(getattr(cache, "prompt_len", 0)))
+        s = self.scorer.score(ctx).float()
+        return torch.nan_to_num(s, nan=0.0)
 
 
 @COMPRESSORS.register("unified")
 @dataclass
 class Unified(Compressor):
-    """``quantizer``/``propagator`` are built from their own config groups and passed in by the run."""
+    """``scorer``/``quantizer``/``propagator`` come from their config groups; ``precision`` is a dict here."""
 
     chunk_size: int = 512
+    precision: dict[str, Any] = field(default_factory=dict)
+    guide_with_question: bool = True
     quantizer: Any = None
     propagator: Any = None
+    scorer: Any = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -31,13 +79,37 @@ class Unified(Compressor):
             from kvcomp.quantizer.none import NoQuantizer
 
             self.quantizer = NoQuantizer()
+        self.policy = Precision(**dict(self.precision or {}))
+        has_scorer = self.scorer is not None and getattr(self.scorer, "registry_name", "") != "none"
+        if not has_scorer:
+            self.scorer = None
+        if self.policy.active and self.scorer is None:
+            raise ConfigError(f"compressor.precision.mode={self.policy.mode} needs importance scores; "
+                              "choose a scorer (scorer=prompt_guided, snapkv, h2o, ...) or mode=none")
+        if self.policy.mode == "tiers" and getattr(self.quantizer, "registry_name", "") == "none":
+            raise ConfigError("compressor.precision.mode=tiers stores tokens at 8/4/2 bits; quantizer=none "
+                              "cannot; pick a packing quantizer (uniform, kvquant_stream, ...)")
+        if self.propagator is not None and self.propagator.active(32) and self.scorer is None:
+            raise ConfigError("propagation drops tokens by importance; choose a scorer (scorer=prompt_guided, ...)")
 
     def new_cache(self, model: Any) -> CompressedCache:
-        return CompressedCache(model, self.quantizer)
+        return CompressedCache(model, self.quantizer, policy=self.policy if self.policy.active else None)
 
     @contextmanager
     def attach(self, model: Any, cache: Any, question_ids: Any = None) -> Iterator[None]:
-        handles = self.propagator.install(model, cache, question_ids) if self.propagator else []
+        handles: list[Any] = []
+        q_len = 0 if question_ids is None else int(question_ids.shape[-1])
+        cache.question_len = q_len
+        if self.scorer is not None:
+            window = self.scorer.query_window or (q_len if q_len else 32)
+            cache.scoring = Scoring(self.scorer, model, window)
+            if window != 0:
+                for i, layer in enumerate(decoder_layers(model)):
+                    handles.append(layer.self_attn.q_proj.register_forward_hook(cache.scoring.q_hook(i)))
+            if self.scorer.needs_question and self.guide_with_question and question_ids is not None:
+                cache.guide_ids = question_ids
+        if self.propagator is not None:
+            handles += self.propagator.install(model, cache, fix_masks=self.policy.may_drop)
         try:
             yield
         finally:

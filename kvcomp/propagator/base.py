@@ -1,15 +1,136 @@
-"""Propagator interface: decides which tokens' hidden states go on to later layers during prefill."""
+"""Selective propagation: which tokens' hidden states go on to later layers during prefill.
+
+``ratio(l, L)`` is the fraction of a forward's candidate tokens whose hidden states leave layer ``l``.
+The base class owns the hooks (installed per sequence by the compressor, removed on exit):
+
+- a forward hook on decoder layer ``l`` keeps the top ``ratio(l) * n`` candidates by their importance
+  scores summed over the layers so far (``cache.layer_scores``; summing makes one noisy layer matter
+  less) and slices the layer's output ``[B, T, hidden]``;
+  the last ``max(guide, keep_last)`` tokens (the question / prompt end) always go on;
+- a forward pre-hook on layer ``l + 1`` slices its RoPE ``position_embeddings`` and ``position_ids``
+  to the kept tokens (positions are preserved), tells the cache their absolute positions and rebuilds
+  the attention mask for that layer's own history length (layers hold different numbers of tokens).
+
+Later layers therefore compute, and cache, only the propagated tokens. Decode steps pass untouched.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from kvcomp.errors import ConfigError
+
+
+def decoder_layers(model: Any) -> Any:
+    """The decoder layer list of a transformers causal LM (``model.model.layers`` for LLaMA-likes)."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ConfigError(f"{type(model).__name__} has no model.layers; propagation/scoring needs a decoder LM")
+    return layers
+
+
+def layer_mask(held: int, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask ``[1, 1, q, held + q]``: all history visible, new tokens causal by absolute position."""
+    q = positions.numel()
+    hist = torch.ones(q, held, dtype=torch.bool, device=positions.device)
+    causal = positions[None, :] <= positions[:, None]
+    return torch.cat([hist, causal], dim=1)[None, None]
+
+
+class _Forward:
+    """Per-forward bookkeeping: indices (into the forward's tokens) of those still carried."""
+
+    def __init__(self) -> None:
+        self.index: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.n_cand0 = 0
+        self.acc: torch.Tensor | None = None  # running sum of the carried candidates' scores over layers
+        self.layers = 0
+
 
 @dataclass
 class Propagator:
-    """Stateless; ``install`` registers forward hooks on the model for one sequence and returns handles."""
+    """Base: propagates every token (``ratio`` 1); subclasses give a schedule. ``keep_last``: tail always kept."""
 
-    def install(self, model: Any, cache: Any, question_ids: Any = None) -> list[Any]:
-        """Register hooks (removed by the compressor on exit). The base propagates every token."""
-        return []
+    keep_last: int = 32
+
+    def ratio(self, layer_idx: int, n_layers: int) -> float:
+        return 1.0
+
+    def active(self, n_layers: int) -> bool:
+        return any(self.ratio(i, n_layers) < 1.0 for i in range(n_layers))
+
+    def install(self, model: Any, cache: Any, fix_masks: bool = False) -> list[Any]:
+        """Register the hooks for one sequence; ``fix_masks`` rebuilds per-layer masks even without dropping
+        hidden states (needed when the precision policy drops tokens, so layers hold different counts)."""
+        layers = decoder_layers(model)
+        n = len(layers)
+        active = self.active(n)
+        if not (active or fix_masks):
+            return []
+        fw = _Forward()
+        handles = []
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(self._pre(i, cache, fw), with_kwargs=True))
+            if active and i < n - 1:
+                handles.append(layer.register_forward_hook(self._post(i, n, cache, fw)))
+        return handles
+
+    def _pre(self, i: int, cache: Any, fw: _Forward) -> Any:
+        def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            h = args[0] if args else kwargs["hidden_states"]
+            t = h.shape[1]
+            if i == 0:
+                fw.index, fw.positions, fw.acc, fw.layers = None, None, None, 0
+                fw.n_cand0 = t - self._protected(cache, t)
+            if t == 1:  # decode: everything visible; a mask sized for layer 0 may not fit this layer
+                kwargs["attention_mask"] = None
+                return args, kwargs
+            pos_ids = kwargs["position_ids"]
+            if fw.index is not None:
+                cos, sin = kwargs["position_embeddings"]
+                kwargs["position_embeddings"] = (cos[:, fw.index], sin[:, fw.index])
+                kwargs["position_ids"] = pos_ids = pos_ids[:, fw.index]
+                cache.pending_positions[i] = pos_ids[0]
+            held = cache.layers[i].held()
+            kwargs["attention_mask"] = layer_mask(held, pos_ids[0], h.dtype)
+            return args, kwargs
+
+        return hook
+
+    def _post(self, i: int, n: int, cache: Any, fw: _Forward) -> Any:
+        def hook(module: Any, args: tuple, output: Any) -> Any:
+            h = output[0] if isinstance(output, tuple) else output
+            t = h.shape[1]
+            scores = cache.layer_scores.get(i)
+            if t == 1 or scores is None:
+                return None
+            prot = self._protected(cache, t)
+            cand = t - prot
+            s = scores[:cand].float()
+            fw.acc = s if fw.acc is None else fw.acc + s
+            fw.layers += 1
+            target = round(self.ratio(i, n) * fw.n_cand0)
+            if cand <= target or cand <= 0:
+                return None
+            top = torch.topk(fw.acc, max(target, 0)).indices.sort().values
+            fw.acc = fw.acc[top]
+            local = torch.cat([top, torch.arange(cand, t, device=top.device)])
+            base = fw.index if fw.index is not None else torch.arange(t, device=local.device)
+            fw.index = base[local]
+            h = h[:, local]
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        return hook
+
+    def _protected(self, cache: Any, t: int) -> int:
+        """Tail tokens always carried: an appended question, else ``keep_last`` plus the question's length
+        (the prompt ends with the question and the chat template's assistant header)."""
+        guide = int(getattr(cache, "guide_appended", 0))
+        if guide:
+            return min(t, guide)
+        return min(t, self.keep_last + int(getattr(cache, "question_len", 0)))

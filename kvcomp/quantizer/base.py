@@ -86,9 +86,10 @@ class Quantizer:
         kb, vb = self.widths(state)
         kbits = torch.full((t,), kb, dtype=torch.int64, device=keys.device)
         vbits = kbits.clone().fill_(vb)
-        if token_bits is not None:
-            check_widths(token_bits)
-            kbits = vbits = token_bits.to(device=keys.device, dtype=torch.int64)
+        if token_bits is not None:  # -1 = this quantizer's own width
+            tb = token_bits.to(device=keys.device, dtype=torch.int64)
+            check_widths(tb[tb != -1])
+            kbits, vbits = torch.where(tb == -1, kbits, tb), torch.where(tb == -1, vbits, tb)
         n_sink, sk, sv = self.sink_bits()
         if n_sink > 0:
             sink = positions.to(keys.device) < n_sink

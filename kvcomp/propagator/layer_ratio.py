@@ -1,0 +1,41 @@
+"""``propagation=layer_ratio``: keep 80 % / 60 % / 40 % of the tokens after early / middle / late layers.
+
+Layer ``l`` of ``L`` is early when ``l < early_frac * L``, late when ``l >= (1 - late_frac) * L``, middle
+otherwise; the hidden states leaving it keep ``early``/``middle``/``late`` of the forward's tokens,
+chosen by that layer's importance scores (question and last tokens always kept, positions preserved).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvcomp.errors import ConfigError
+from kvcomp.propagator.base import Propagator
+from kvcomp.registry import PROPAGATORS
+
+
+@PROPAGATORS.register("layer_ratio")
+@dataclass
+class LayerRatio(Propagator):
+    """Ratios by depth band (defaults 0.8 / 0.6 / 0.4 over the first 30 % / middle / last 30 %)."""
+
+    early: float = 0.8
+    middle: float = 0.6
+    late: float = 0.4
+    early_frac: float = 0.3
+    late_frac: float = 0.3
+
+    def __post_init__(self) -> None:
+        for key in ("early", "middle", "late", "early_frac", "late_frac"):
+            v = getattr(self, key)
+            if not isinstance(v, int | float) or not 0.0 <= float(v) <= 1.0:
+                raise ConfigError(f"propagation.{key}={v} must be a number in [0, 1]")
+        if self.early_frac + self.late_frac > 1.0:
+            raise ConfigError("propagation.early_frac + propagation.late_frac must be <= 1")
+
+    def ratio(self, layer_idx: int, n_layers: int) -> float:
+        if layer_idx < self.early_frac * n_layers:
+            return float(self.early)
+        if layer_idx >= (1.0 - self.late_frac) * n_layers:
+            return float(self.late)
+        return float(self.middle)

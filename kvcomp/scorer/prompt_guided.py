@@ -1,0 +1,70 @@
+"""``scorer=prompt_guided``: s_i = α·Â_P,i·w_l + β·b_pos(i) + γ·r(i) for every stored context token i.
+
+With the question's tokens P appended to each prefill chunk (Finch-style; their K/V are never stored),
+chunk tokens i at absolute positions p_i, and a prompt of T tokens:
+
+- Â_P,i: attention the question pays to token i, softmax over history + chunk, averaged over the
+  question's queries and all query heads, min-max normalised over the chunk to [0, 1];
+- w_l = 1 - layer_decay · l / (L - 1): layer weight schedule (deep layers' attention is more diffuse,
+  so it counts less; layer_decay 0 = uniform);
+- b_pos(i) = max(0, 1 - p_i / W, 1 - (T - 1 - p_i) / W), W = ``pos_window``: position-bias
+  compensation. A question's attention under-weights the prompt's frame (instructions at its start,
+  the end of the context just before the question) relative to the middle content it searches; b_pos
+  gives those positions a prior, so the instructions survive compression;
+- r(i) = max_j cos(k̃_i, k̃_P,j), min-max normalised: context relevance, the best cosine between token
+  i's pre-RoPE key (content without position, averaged over KV heads) and any question token's.
+
+Each term is switched off by a weight of 0. The weights need not sum to 1; scores are only ranked and
+normalised downstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcomp.errors import ConfigError
+from kvcomp.registry import SCORERS
+from kvcomp.scorer.base import ScoreContext, Scorer, minmax, stored_attention
+
+
+@SCORERS.register("prompt_guided")
+@dataclass
+class PromptGuided(Scorer):
+    """Defaults α 0.4, β 0.3, γ 0.3; the question guides every chunk."""
+
+    alpha: float = 0.4
+    beta: float = 0.3
+    gamma: float = 0.3
+    layer_decay: float = 0.5
+    pos_window: int = 64
+    query_window: int = 0  # set from the question length at run time
+    needs_question: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("alpha", "beta", "gamma"):
+            if not isinstance(getattr(self, key), int | float) or getattr(self, key) < 0:
+                raise ConfigError(f"scorer.{key}={getattr(self, key)} must be a number >= 0")
+        if self.alpha + self.beta + self.gamma <= 0:
+            raise ConfigError("scorer.alpha + scorer.beta + scorer.gamma must be > 0")
+        if not 0 <= self.layer_decay <= 1:
+            raise ConfigError(f"scorer.layer_decay={self.layer_decay} must be in [0, 1]")
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        n = ctx.n_store
+        s = torch.zeros(n, device=ctx.keys.device)
+        w = ctx.queries.shape[2] if ctx.queries is not None else 0
+        if self.alpha and w:
+            w_l = 1.0 - self.layer_decay * ctx.layer_idx / max(1, ctx.n_layers - 1)
+            s += self.alpha * w_l * minmax(stored_attention(ctx))
+        if self.beta:
+            p = ctx.positions[:n].float()
+            last = float(max(ctx.prompt_len, int(ctx.positions[-1]) + 1) - 1)
+            b_pos = torch.maximum(1 - p / self.pos_window, 1 - (last - p) / self.pos_window)
+            s += self.beta * b_pos.clamp(0, 1)
+        if self.gamma:
+            k = torch.nn.functional.normalize(ctx.new_keys_pre.float().mean(dim=(0, 1)), dim=-1)  # [q, D]
+            guide = k[n:] if k.shape[0] > n else k[-max(1, w):]
+            s += self.gamma * minmax((k[:n] @ guide.T).amax(dim=-1))
+        return s

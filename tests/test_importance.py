@@ -1,0 +1,166 @@
+"""Scorers, dynamic precision and selective propagation on the tiny GQA LLaMA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcomp.compressor.precision import Precision
+from kvcomp.errors import ConfigError
+from kvcomp.generation import greedy_generate, prefill
+from kvcomp.propagator.base import decoder_layers
+from kvcomp.registry import COMPRESSORS, PROPAGATORS, QUANTIZERS, SCORERS
+from kvcomp.scorer.base import ScoreContext
+
+SCORERS_CFG = ["prompt_guided", "snapkv", "h2o", "streaming_llm", "key_norm", "random"]
+
+
+def unified(scorer: str = "none", quantizer: str = "none", propagation: str = "none", chunk: int = 64,
+            precision: dict | None = None, **prop):
+    q = QUANTIZERS.build({"name": quantizer})
+    p = PROPAGATORS.build({"name": propagation, **prop})
+    s = SCORERS.build({"name": scorer})
+    return COMPRESSORS.build({"name": "unified", "chunk_size": chunk, "precision": precision or {}},
+                             quantizer=q, propagator=p, scorer=s)
+
+
+def needle_context(n: int = 64, needle: tuple[int, int] = (40, 44), d: int = 16) -> ScoreContext:
+    """Keys where tokens 40..43 match the question's queries and everything else is noise."""
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(d, generator=g)
+    keys = torch.randn(1, 2, n + 4, d, generator=g) * 0.1
+    keys[:, :, needle[0] : needle[1]] = direction * 3
+    keys[:, :, n:] = direction * 3  # the appended question tokens themselves
+    queries = direction.expand(1, 4, 4, d) * 3
+    pos = torch.arange(5000, 5000 + n + 4)  # mid-prompt
+    return ScoreContext(layer_idx=3, n_layers=8, keys=keys, new_keys_pre=keys, queries=queries.clone(),
+                        positions=pos, n_store=n, held=0, scaling=d**-0.5, prompt_len=10_000)
+
+
+@pytest.mark.parametrize("name", SCORERS_CFG)
+def test_scorer_shape_and_needle(name: str) -> None:
+    ctx = needle_context()
+    s = SCORERS.build({"name": name}).score(ctx)
+    assert s.shape == (64,) and s.dtype == torch.float32 and torch.isfinite(s).all()
+    if name in ("prompt_guided", "snapkv", "h2o"):  # attention-based: the planted needle ranks first
+        top = set(torch.topk(s, 4).indices.tolist())
+        assert top == {40, 41, 42, 43} or (name == "snapkv" and len(top & {40, 41, 42, 43}) >= 2), top
+
+
+def test_prompt_guided_terms_switch_off() -> None:
+    ctx = needle_context()
+    only = {t: SCORERS.build({"name": "prompt_guided", "alpha": float(t == "a"), "beta": float(t == "b"),
+                              "gamma": float(t == "g")}).score(ctx) for t in "abg"}
+    assert only["a"].argmax() in range(40, 44) and only["g"].argmax() in range(40, 44)
+    assert torch.allclose(only["b"], torch.zeros(64))  # mid-prompt positions: no positional prior
+    with pytest.raises(ConfigError, match="scorer.alpha"):
+        SCORERS.build({"name": "prompt_guided", "alpha": -1})
+
+
+@pytest.mark.parametrize(("u", "tier"), [(1.0, 8), (0.7, 8), (0.6999, 4), (0.3, 4), (0.2999, 2), (0.0, 2)])
+def test_tier_boundaries(u: float, tier: int) -> None:
+    p = Precision(mode="tiers", theta_h=0.7, theta_m=0.3, protect_sinks=0)
+    scores = torch.tensor([0.0, u, 1.0])  # min-max keeps u as is
+    assert int(p(scores, torch.arange(100, 103))[1]) == tier
+
+
+def test_drop_low_budget_and_sinks() -> None:
+    p = Precision(mode="tiers", drop_low=True, protect_sinks=2)
+    bits = p(torch.tensor([0.0, 0.0, 0.1, 1.0, 0.5]), torch.arange(5))
+    assert bits.tolist() == [8, 8, 0, 8, 4]
+    budget = Precision(mode="budget", keep_ratio=0.5, protect_sinks=0)
+    b = budget(torch.tensor([0.1, 0.9, 0.5, 0.2]), torch.arange(9, 13))
+    assert b.tolist() == [0, -1, -1, 0]
+    k = Precision(mode="budget", keep_tokens=10, protect_sinks=0)(torch.rand(40), torch.arange(40), prompt_len=100)
+    assert int((k != 0).sum()) == 4  # 10 of a 100-token prompt = 10 % of each chunk
+    with pytest.raises(ConfigError, match="theta_m < theta_h"):
+        Precision(mode="tiers", theta_h=0.3, theta_m=0.5)
+
+
+def test_mixed_precision_is_real_storage(tiny) -> None:
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, 256), generator=torch.Generator().manual_seed(1))
+    stats = {}
+    for mode in ("none", "tiers"):
+        comp = unified("key_norm", "uniform", precision={"mode": mode, "normalize": "rank"})
+        cache = comp.new_cache(model)
+        with comp.attach(model, cache):
+            prefill(model, cache, ids, comp.chunk_size)
+        stats[mode] = cache.get_compression_stats()
+        widths = {getattr(b, "bits", 16) for layer in cache.layers for b in layer.k_blocks}
+        assert widths == ({4} if mode == "none" else {2, 4, 8})
+    assert stats["tiers"]["avg_key_bits"] != stats["none"]["avg_key_bits"]
+
+
+def test_every_component_off_reproduces_full_cache(tiny) -> None:
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, 150), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits[:, -1]
+    for comp in (unified(chunk=40), unified("random", propagation="layer_ratio", early=1.0, middle=1.0, late=1.0,
+                                            chunk=40)):
+        cache = comp.new_cache(model)
+        with comp.attach(model, cache, ids[:, -5:]):
+            last = prefill(model, cache, ids, comp.chunk_size)
+        assert torch.allclose(last, ref, atol=1e-4), (last - ref).abs().max()
+
+
+def count_layer_inputs(model) -> tuple[list[int], list]:
+    seen: list[int] = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k: seen.append(k["position_ids"].shape[1]),
+                                             with_kwargs=True) for layer in decoder_layers(model)]
+    return seen, hooks
+
+
+def test_dropped_tokens_never_reach_later_layers(tiny) -> None:
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, 200), generator=torch.Generator().manual_seed(3))
+    comp = unified("snapkv", propagation="layer_ratio", chunk=0, keep_last=0)
+    cache = comp.new_cache(model)
+    with comp.attach(model, cache):
+        seen, hooks = count_layer_inputs(model)  # registered after ours: sees the sliced kwargs
+        prefill(model, cache, ids)
+    for h in hooks:
+        h.remove()
+    # 4 layers: early band = layer 0 (keeps 80 % after it), middle = 1-2 (60 %), late = 3 (40 %)
+    assert seen == [200, 160, 160, 120]
+    held = [layer.held() for layer in cache.layers]
+    assert held == seen  # later layers cache only the propagated tokens
+    pos = [torch.cat(layer.pos_blocks).tolist() for layer in cache.layers]
+    assert set(pos[3]) <= set(pos[2]) <= set(pos[1]) <= set(pos[0]) == set(range(200))
+    assert pos[3] == sorted(pos[3])  # kept tokens keep their own positions, in order
+
+
+def test_generate_after_propagation_and_drops(tiny) -> None:
+    model, tok = tiny
+    ids = torch.randint(3, 250, (1, 300), generator=torch.Generator().manual_seed(4))
+    for exp in (dict(scorer="prompt_guided", quantizer="kvquant_stream", propagation="layer_ratio",
+                     precision={"mode": "tiers", "drop_low": True}),
+                dict(scorer="snapkv", propagation="fastkv_tsp", precision={"mode": "budget", "keep_ratio": 0.3})):
+        comp = unified(chunk=64, **exp)
+        cache = comp.new_cache(model)
+        with comp.attach(model, cache, ids[:, -6:]):
+            gen = greedy_generate(model, cache, ids, 20, set(), comp.chunk_size)
+        assert len(gen.tokens) == 20 and cache.get_seq_length() == 319
+        assert cache.get_compression_stats()["tokens_dropped"] > 0
+
+
+def test_propagation_needs_a_scorer() -> None:
+    with pytest.raises(ConfigError, match="needs importance scores|choose a scorer"):
+        unified(propagation="layer_ratio")
+    with pytest.raises(ConfigError, match="quantizer=none"):
+        unified("snapkv", precision={"mode": "tiers"})
+
+
+def test_question_guides_every_chunk(tiny) -> None:
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, 130), generator=torch.Generator().manual_seed(5))
+    comp = unified("prompt_guided", chunk=50)
+    cache = comp.new_cache(model)
+    lengths: list[int] = []
+    h = model.register_forward_pre_hook(lambda m, a, k: lengths.append(k["input_ids"].shape[1]), with_kwargs=True)
+    with comp.attach(model, cache, ids[:, -7:]):
+        prefill(model, cache, ids, comp.chunk_size)
+    h.remove()
+    assert lengths == [57, 57, 30]  # question appended to the two non-final chunks
+    assert cache.get_seq_length() == 130 and cache.layers[0].held() == 130  # its K/V never stored
