@@ -14,7 +14,8 @@ chunk tokens i at absolute positions p_i, and a prompt of T tokens:
 - r(i) = max_j cos(k̃_i, k̃_P,j), min-max normalised: context relevance, the best cosine between token
   i's pre-RoPE key (content without position, averaged over KV heads) and any question token's.
 
-Each term is switched off by a weight of 0. The weights need not sum to 1; scores are only ranked and
+Â and r are max-pooled over ``pool_kernel`` neighbouring tokens (as SnapKV does), so the tokens around a
+match (the value next to its key) share its score. Each term is switched off by a weight of 0. The weights need not sum to 1; scores are only ranked and
 normalised downstream.
 """
 
@@ -26,7 +27,7 @@ import torch
 
 from kvcomp.errors import ConfigError
 from kvcomp.registry import SCORERS
-from kvcomp.scorer.base import ScoreContext, Scorer, minmax, stored_attention
+from kvcomp.scorer.base import ScoreContext, Scorer, minmax, pool1d, stored_attention
 
 
 @SCORERS.register("prompt_guided")
@@ -39,6 +40,7 @@ class PromptGuided(Scorer):
     gamma: float = 0.3
     layer_decay: float = 0.5
     pos_window: int = 64
+    pool_kernel: int = 7
     query_window: int = 0  # set from the question length at run time
     needs_question: bool = True
 
@@ -48,6 +50,8 @@ class PromptGuided(Scorer):
                 raise ConfigError(f"scorer.{key}={getattr(self, key)} must be a number >= 0")
         if self.alpha + self.beta + self.gamma <= 0:
             raise ConfigError("scorer.alpha + scorer.beta + scorer.gamma must be > 0")
+        if not isinstance(self.pool_kernel, int) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ConfigError(f"scorer.pool_kernel={self.pool_kernel} must be an odd integer >= 1")
         if not 0 <= self.layer_decay <= 1:
             raise ConfigError(f"scorer.layer_decay={self.layer_decay} must be in [0, 1]")
 
@@ -57,7 +61,7 @@ class PromptGuided(Scorer):
         w = ctx.queries.shape[2] if ctx.queries is not None else 0
         if self.alpha and w:
             w_l = 1.0 - self.layer_decay * ctx.layer_idx / max(1, ctx.n_layers - 1)
-            s += self.alpha * w_l * minmax(stored_attention(ctx))
+            s += self.alpha * w_l * minmax(pool1d(stored_attention(ctx), self.pool_kernel))
         if self.beta:
             p = ctx.positions[:n].float()
             last = float(max(ctx.prompt_len, int(ctx.positions[-1]) + 1) - 1)
@@ -66,5 +70,5 @@ class PromptGuided(Scorer):
         if self.gamma:
             k = torch.nn.functional.normalize(ctx.new_keys_pre.float().mean(dim=(0, 1)), dim=-1)  # [q, D]
             guide = k[n:] if k.shape[0] > n else k[-max(1, w):]
-            s += self.gamma * minmax((k[:n] @ guide.T).amax(dim=-1))
+            s += self.gamma * minmax(pool1d((k[:n] @ guide.T).amax(dim=-1), self.pool_kernel))
         return s
