@@ -46,6 +46,11 @@ def prefill(
         if guide is not None:
             cache.guide_appended = 0
         if on_logits is not None:
+            if out.logits.shape[1] != chunk.shape[1]:
+                from kvcomp.errors import ConfigError
+
+                raise ConfigError("this task scores every position, but propagation dropped hidden states; "
+                                  "use propagation=none with it")
             on_logits(out.logits, start)
         last = out.logits[:, -1, :]
         del out

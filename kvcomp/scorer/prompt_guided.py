@@ -15,8 +15,8 @@ chunk tokens i at absolute positions p_i, and a prompt of T tokens:
   i's pre-RoPE key (content without position, averaged over KV heads) and any question token's.
 
 Â and r are max-pooled over ``pool_kernel`` neighbouring tokens (as SnapKV does), so the tokens around a
-match (the value next to its key) share its score. Each term is switched off by a weight of 0. The weights need not sum to 1; scores are only ranked and
-normalised downstream.
+match (the value next to its key) share its score. Each term is switched off by a weight of 0. The
+weights need not sum to 1; scores are only ranked and normalised downstream.
 """
 
 from __future__ import annotations

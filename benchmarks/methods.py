@@ -1,0 +1,107 @@
+"""Importance-based methods vs the full cache on SmolLM2-135M, side by side in one run (issue 6 rows).
+
+Columns: bytes the cache holds vs an fp16 cache of every token seen; task score at ``--context``
+tokens relative to the full cache (same samples); TTFT (prefill of ``--ttft-tokens`` WikiText-2 tokens
+plus a question) relative to the full cache, median of ``--repeats``, configurations interleaved.
+``snapkv@eq``/``h2o@eq`` store with the same quantizer as ``prompt_guided`` and keep the fraction of
+tokens that makes their kv_bytes match ``prompt_guided``'s, for the equal-bytes comparison.
+
+    python -m benchmarks.methods                  # passkey at 4k, TTFT at 8k (~20 min on 2 cores)
+    python -m benchmarks.methods --task offline_suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import compose, header, load, median, table, timed_prefill, wikitext_ids
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUESTION = "What is the main topic of the text above? Answer in one sentence."
+BASE = ["full_cache", "kvquant_stream", "prompt_guided", "snapkv", "h2o", "streaming_llm", "fastkv"]
+
+
+def score(exp: str, task: list[str], extra: list[str]) -> dict[str, Any]:
+    from kvcomp.experiment import run
+
+    return run(compose([f"+experiment={exp}", *task, *extra]))
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="passkey")
+    p.add_argument("--context", type=int, default=4000)
+    p.add_argument("--samples", type=int, default=6)
+    p.add_argument("--ttft-tokens", type=int, default=8192)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS / "methods.md")
+    a = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    task = [f"task={a.task}", f"task.context_length={a.context}", f"task.n_samples={a.samples}"]
+    rows: dict[str, dict[str, Any]] = {}
+    for exp in BASE:
+        m = score(exp, task, [])
+        rows[exp] = {"experiment": exp, "score": m["score"], "bytes_ratio": m["kv_bytes_fp16"] / m["kv_bytes"],
+                     "kv_bytes": m["kv_bytes"], "extra": []}
+        print(f"  {exp:>15}: score {m['score']:.2f}  fp16/kv {rows[exp]['bytes_ratio']:.2f}", file=sys.stderr)
+    # equal-bytes peers: same quantizer as prompt_guided, keep ratio matched to its kv_bytes
+    q = compose(["+experiment=prompt_guided"]).quantizer.name
+    keep = min(1.0, rows["prompt_guided"]["kv_bytes"] / rows["kvquant_stream"]["kv_bytes"])
+    for peer in ("snapkv", "h2o"):
+        extra = [f"quantizer={q}", "compressor.chunk_size=512", f"compressor.precision.keep_ratio={keep:.3f}"]
+        m = score(peer, task, extra)
+        name = f"{peer}@eq"
+        rows[name] = {"experiment": name, "score": m["score"], "bytes_ratio": m["kv_bytes_fp16"] / m["kv_bytes"],
+                      "kv_bytes": m["kv_bytes"], "extra": extra}
+        print(f"  {name:>15}: score {m['score']:.2f}  fp16/kv {rows[name]['bytes_ratio']:.2f}", file=sys.stderr)
+    # TTFT, interleaved
+    comps = {e: load(e, rows[e]["extra"] if e in rows else [])[2] for e in BASE}
+    model, tok, _ = load("full_cache")
+    ids = wikitext_ids(tok, a.ttft_tokens)
+    qids = torch.tensor([tok(QUESTION, add_special_tokens=False)["input_ids"]])
+    ids = torch.cat([ids, qids], dim=1)
+    times: dict[str, list[float]] = {e: [] for e in BASE}
+    for r in range(a.repeats):
+        for e in BASE if r % 2 == 0 else BASE[::-1]:
+            times[e].append(timed_prefill(model, comps[e], ids, qids)[0])
+            print(f"  TTFT {a.ttft_tokens} {e:>15}: {times[e][-1]:.2f} s", file=sys.stderr)
+    full = rows["full_cache"]
+    for e, r in rows.items():
+        r["score_rel"] = r["score"] / full["score"] if full["score"] else None
+        if e in times:
+            r["ttft_s"] = median(times[e])
+            r["ttft_rel"] = r["ttft_s"] / median(times["full_cache"])
+    cols = [("experiment", "configuration", ""), ("bytes_ratio", "fp16 bytes / kv_bytes", ".2f"),
+            ("score", f"{a.task} score @{a.context}", ".2f"), ("score_rel", "score vs full", ".3f"),
+            ("ttft_s", f"TTFT s @{a.ttft_tokens}", ".2f"), ("ttft_rel", "TTFT vs full", ".2f")]
+    pg = rows["prompt_guided"]
+    goals = [
+        f"- [{'x' if pg['bytes_ratio'] >= 4.5 and (pg['score_rel'] or 0) >= 0.98 else ' '}] prompt_guided: "
+        f"kv_bytes {pg['bytes_ratio']:.2f}x smaller than fp16 (goal >= 4.5x) at {100 * (pg['score_rel'] or 0):.1f} % "
+        "of the full cache's score (goal >= 98 %)",
+        f"- [{'x' if pg['ttft_rel'] <= 0.65 else ' '}] prompt_guided with layer_ratio propagation: TTFT "
+        f"{pg['ttft_rel']:.2f}x the full cache at {a.ttft_tokens} tokens (goal <= 0.65x)",
+    ]
+    for peer in ("snapkv@eq", "h2o@eq"):
+        r = rows[peer]
+        goals.append(f"- [{'x' if pg['score'] >= r['score'] else ' '}] at equal kv_bytes ({pg['bytes_ratio']:.2f}x vs "
+                     f"{r['bytes_ratio']:.2f}x) prompt_guided {pg['score']:.2f} vs {peer} {r['score']:.2f}")
+    settings = (f"SmolLM2-135M-Instruct fp32 on CPU, sdpa, chunks of 512; task {a.task} at {a.context} tokens, "
+                f"{a.samples} samples; TTFT = prefill of {a.ttft_tokens} WikiText-2 tokens + a question, median of "
+                f"{a.repeats}; full cache unchunked.")
+    text = (header("Importance-based compression vs full cache", ["benchmarks.methods", *(argv or sys.argv[1:])])
+            + f"- settings: {settings}\n\n" + table(list(rows.values()), cols) + "\n\nGoals (issue 6):\n"
+            + "\n".join(goals) + "\n")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
