@@ -43,15 +43,18 @@ def test_scorer_shape_and_needle(name: str) -> None:
     s = SCORERS.build({"name": name}).score(ctx)
     assert s.shape == (64,) and s.dtype == torch.float32 and torch.isfinite(s).all()
     if name in ("prompt_guided", "snapkv", "h2o"):  # attention-based: the planted needle ranks first
+        needle = s[40:44]
+        assert bool((needle >= s.max() - 1e-6).all()), s  # every needle token holds the top score
         top = set(torch.topk(s, 4).indices.tolist())
-        assert top == {40, 41, 42, 43} or (name == "snapkv" and len(top & {40, 41, 42, 43}) >= 2), top
+        spread = 3 if name != "h2o" else 0  # prompt_guided / snapkv max-pool over 7 neighbours
+        assert top <= set(range(40 - spread, 44 + spread)), top
 
 
 def test_prompt_guided_terms_switch_off() -> None:
     ctx = needle_context()
     only = {t: SCORERS.build({"name": "prompt_guided", "alpha": float(t == "a"), "beta": float(t == "b"),
                               "gamma": float(t == "g")}).score(ctx) for t in "abg"}
-    assert only["a"].argmax() in range(40, 44) and only["g"].argmax() in range(40, 44)
+    assert only["a"].argmax() in range(37, 47) and only["g"].argmax() in range(37, 47)  # pooled over 7
     assert torch.allclose(only["b"], torch.zeros(64))  # mid-prompt positions: no positional prior
     with pytest.raises(ConfigError, match="scorer.alpha"):
         SCORERS.build({"name": "prompt_guided", "alpha": -1})
