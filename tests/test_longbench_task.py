@@ -1,0 +1,275 @@
+"""``task=longbench``: loader (jsonl dir, hub-layout zip, hub), subsets, truncation, chat template, scores, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SHARED, compose
+
+from kvcomp.errors import ConfigError
+from kvcomp.registry import TASKS
+from kvcomp.task.longbench import score_task, score_task_e
+from kvcomp.task.longbench.data import load_rows
+from kvcomp.task.longbench.prompts import (
+    EMPTY_INPUT_QUESTION,
+    GROUPS,
+    NO_CHAT_TEMPLATE,
+    TASKS_E,
+    build_prompt,
+    dataset2maxlen,
+    expand_subsets,
+)
+from kvcomp.task.longbench.task import middle_truncate
+from kvcomp.task.prompting import encode_question
+
+LB = SHARED / "longbench"
+REAL = ("multi_news", "multifieldqa_zh", "passage_retrieval_zh")
+needs_rows = pytest.mark.skipif(not all((LB / f"{t}.jsonl").is_file() for t in REAL),
+                                reason=f"LongBench sample rows not in {LB}")
+
+
+def task(**kw):
+    return TASKS.build({"name": "longbench", **kw}, "task")
+
+
+def hub_zip(tmp_path: Path, tasks=REAL, suffix: str = "") -> Path:
+    """A zip in the hub's layout (data/<task>.jsonl) built from the real rows."""
+    path = tmp_path / "data.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for t in tasks:
+            zf.write(LB / f"{t}.jsonl", f"data/{t}{suffix}.jsonl")
+    return path
+
+
+# --- loader -----------------------------------------------------------------------------------------
+
+@needs_rows
+def test_loader_reads_real_rows_from_data_dir() -> None:
+    for t in REAL:
+        rows = load_rows(t, LB)
+        assert len(rows) == 30 and all(r["dataset"] == t for r in rows)
+        assert {"input", "context", "answers", "length", "all_classes", "_id"} <= set(rows[0])
+    assert load_rows("multi_news", LB)[0]["_id"] == "e45abfcb82a3c862c0f772e6f461866839955c11ea2f46a8"
+
+
+@needs_rows
+def test_loader_reads_hub_layout_zip(tmp_path: Path) -> None:
+    zpath = hub_zip(tmp_path)
+    for t in REAL:
+        expect = load_rows(t, LB)
+        assert load_rows(t, tmp_path) == expect  # folder holding data.zip
+        assert load_rows(t, zpath) == expect  # the zip itself
+    assert task(subsets=list(REAL), data_dir=str(zpath)).datasets == list(REAL)
+
+
+@needs_rows
+def test_loader_uses_hub_zip_when_no_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    zpath, calls = hub_zip(tmp_path), []
+
+    def fake(**kw):
+        calls.append(kw)
+        return str(zpath)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    assert load_rows("multi_news") == load_rows("multi_news", LB)
+    assert calls == [{"repo_id": "THUDM/LongBench", "filename": "data.zip", "repo_type": "dataset"}]
+
+
+def test_offline_hub_fails_with_where_to_put_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    def offline(**_):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(ConfigError, match=r"task\.data_dir.*data\.zip"):
+        load_rows("qasper")
+
+
+@needs_rows
+def test_missing_data_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"task.data_dir={tmp_path / 'nope'} does not exist.*multi_news.jsonl"):
+        load_rows("multi_news", tmp_path / "nope")
+    with pytest.raises(ConfigError, match=f"task.data_dir={LB} has no LongBench data for qasper.*qasper.jsonl"):
+        load_rows("qasper", LB)
+    with pytest.raises(ConfigError, match="qasper"):  # checked when the task is built, before a model loads
+        task(subsets=["multi_news", "qasper"], data_dir=str(LB))
+    zpath = hub_zip(tmp_path, tasks=("multi_news",))
+    with pytest.raises(ConfigError, match=f"{zpath} has no multi_news_e.jsonl"):
+        task(subsets=["multi_news"], data_dir=str(zpath), e=True)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "trec.jsonl").write_text('{"context": "x", "answers": ["a"]}\nnot json\n')
+    with pytest.raises(ConfigError, match="trec.jsonl:2 is not valid JSON"):
+        load_rows("trec", tmp_path / "bad")
+
+
+# --- subsets and prompts ----------------------------------------------------------------------------
+
+def test_groups_expand() -> None:
+    assert len(expand_subsets(["english"])) == 16 and len(expand_subsets(["core13"])) == 13
+    assert len(expand_subsets(["all"])) == 21 and len(expand_subsets(["chinese"])) == 5
+    assert not set(expand_subsets(["english"])) & set(GROUPS["chinese"])
+    parts = ["single_doc_qa", "multi_doc_qa", "summarization", "few_shot", "synthetic", "code"]
+    assert sorted(expand_subsets(parts)) == sorted(expand_subsets(["all"]))
+    assert expand_subsets(["trec", "few_shot", "trec"]) == ["trec", "triviaqa", "samsum", "lsht"]
+    assert expand_subsets("qasper") == ["qasper"]
+    assert expand_subsets(["all"], e=True) == list(TASKS_E) and len(TASKS_E) == 13
+    assert set(dataset2maxlen) == set(expand_subsets(["all"]))
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"subsets": ["multinews"]}, "task.subsets=multinews is not one of.*did you mean 'multi_news'"),
+    ({"subsets": []}, "task.subsets is empty"),
+    ({"subsets": ["multifieldqa_zh"], "e": True}, "LongBench-E"),
+    ({"subsets": ["chinese"], "e": True}, "has no LongBench-E task"),
+    ({"rouge_impl": "rougeL"}, "task.rouge_impl=rougeL is not one of: rouge, rouge_score"),
+    ({"max_samples": 0}, "task.max_samples=0"),
+    ({"max_length": -5}, "task.max_length=-5"),
+    ({"max_lenght": 5}, "did you mean 'max_length'"),
+])
+def test_bad_config_fails(kw: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        task(**kw)
+
+
+def test_middle_truncation_keeps_first_and_last_halves() -> None:
+    ids = list(range(1000))
+    assert middle_truncate(ids, 10) == [0, 1, 2, 3, 4, 995, 996, 997, 998, 999]
+    assert middle_truncate(ids, 7) == [0, 1, 2, 997, 998, 999]  # int(7 / 2) each side, as pred.py
+    assert middle_truncate(ids, 1000) == ids and middle_truncate(ids[:5], 10) == ids[:5]
+
+
+ROW = {"input": "What is it?", "context": "abc " * 300, "answers": ["x"], "length": 300, "all_classes": None}
+
+
+def test_prompt_truncated_inside_chat_template(tiny) -> None:
+    _, tok = tiny
+    t = task(subsets=["hotpotqa"], max_length=100)
+    body = tok(build_prompt("hotpotqa", ROW), add_special_tokens=False)["input_ids"]
+    ids, q = t.encode(tok, "hotpotqa", ROW)
+    pre = tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    post = tok("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert ids == pre + body[:50] + body[-50:] + post
+    assert q == encode_question(tok, "What is it?")
+    plain, _ = task(subsets=["hotpotqa"], max_length=100, chat=False).encode(tok, "hotpotqa", ROW)
+    assert plain == body[:50] + body[-50:]
+
+
+@pytest.mark.parametrize("dataset", sorted(NO_CHAT_TEMPLATE))
+def test_chat_template_skipped_for_official_set(tiny, dataset: str) -> None:
+    _, tok = tiny
+    ids, _ = task(subsets=[dataset], max_length=10_000).encode(tok, dataset, ROW)
+    assert ids == tok(build_prompt(dataset, ROW), add_special_tokens=False)["input_ids"]
+    assert tok.convert_tokens_to_ids("<|im_start|>") not in ids
+
+
+@needs_rows
+def test_samples_carry_question_and_meta(tiny) -> None:
+    _, tok = tiny
+    t = task(subsets=list(REAL), data_dir=str(LB), max_samples=2, max_length=300)
+    samples = t.samples(tok)
+    assert [s.meta["dataset"] for s in samples] == [d for d in REAL for _ in range(2)]
+    rows = {d: load_rows(d, LB)[:2] for d in REAL}
+    for s in samples:
+        d = s.meta["dataset"]
+        row = rows[d][samples.index(s) % 2]
+        question = row["input"] or EMPTY_INPUT_QUESTION[d]
+        assert s.question_ids == encode_question(tok, question) and s.question_ids
+        assert s.answers == row["answers"] and s.meta["length"] == row["length"]
+        assert s.max_new_tokens == dataset2maxlen[d] and len(s.prompt_ids) <= 300 + 40
+        assert s.prompt_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")  # none of the three skips it
+
+
+# --- scores -----------------------------------------------------------------------------------------
+
+def rec(dataset: str, pred: str, answers: list[str], length: int, classes=None) -> dict:
+    return {"dataset": dataset, "prediction": pred, "answers": answers, "length": length, "all_classes": classes,
+            "score": 0.0}
+
+
+def test_aggregate_is_official_per_task_and_mean() -> None:
+    recs = [rec("hotpotqa", "Paris", ["Paris"], 3000), rec("hotpotqa", "the big city", ["Big town"], 5000),
+            rec("trec", "Number\nLocation", ["Number"], 9000, ["Number", "Location"]),
+            rec("gov_report", "the cat sat on a mat", ["a cat sat on the mat today"], 100)]
+    m = task(subsets=["hotpotqa", "trec", "gov_report"], e=False).aggregate(recs)
+    hot = score_task("hotpotqa", ["Paris", "the big city"], [["Paris"], ["Big town"]])
+    assert m["score_hotpotqa"] == hot and m["score_trec"] == 100.0
+    assert m["score_gov_report"] == score_task("gov_report", [recs[3]["prediction"]], [recs[3]["answers"]])
+    assert m["score"] == round((hot + 100.0 + m["score_gov_report"]) / 3, 2)
+    me = task(subsets=["hotpotqa", "trec", "gov_report"], e=True, rouge_impl="rouge_score").aggregate(recs)
+    buckets = score_task_e("hotpotqa", ["Paris", "the big city"], [["Paris"], ["Big town"]], [3000, 5000])
+    assert me["score_hotpotqa_0-4k"] == buckets["0-4k"] and me["score_hotpotqa_8k+"] is None
+    assert me["score_8k+"] == 100.0
+    assert me["score_0-4k"] == round((buckets["0-4k"] + me["score_gov_report_0-4k"]) / 2, 2)
+    assert "score_gov_report_rouge_score" in me and "score_hotpotqa_rouge_score" not in me
+    assert me["score_rouge_score"] == round((hot + 100.0 + me["score_gov_report_rouge_score"]) / 3, 2)
+    assert me["score"] == m["score"]  # the official score stays the rouge one
+
+
+# --- end to end -------------------------------------------------------------------------------------
+
+def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "runners.run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@needs_rows
+def test_pipeline_through_runner_on_real_rows(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = cli(["model=tiny_llama", "task=longbench", f"task.data_dir={LB}",
+             "task.subsets=[multi_news,passage_retrieval_zh]", "task.max_samples=2", "task.max_length=200",
+             f"hydra.run.dir={out}"], REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "longbench" and m["n_samples"] == 4
+    assert {"score", "score_multi_news", "score_passage_retrieval_zh", "ttft_s", "kv_bytes"} <= set(m)
+    assert m["score"] == round((m["score_multi_news"] + m["score_passage_retrieval_zh"]) / 2, 2)
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["dataset"] for p in preds] == ["multi_news"] * 2 + ["passage_retrieval_zh"] * 2
+    assert all({"id", "prompt_len", "prediction", "answers", "score", "length"} <= set(p) for p in preds)
+    assert all(p["prompt_len"] <= 200 + 40 for p in preds)
+
+
+@needs_rows
+def test_longbench_e_and_rouge_score_in_process(tmp_path: Path) -> None:
+    from kvcomp.experiment import run
+
+    hub_zip(tmp_path, tasks=("multi_news",), suffix="_e")  # v1 rows under the _e name: enough for the plumbing
+    cfg = compose(["model=tiny_llama", "+experiment=longbench_english", f"task.data_dir={tmp_path}", "task.e=true",
+                   "task.subsets=[multi_news]", "task.max_samples=2", "task.max_length=128",
+                   "task.rouge_impl=rouge_score"])
+    m = run(cfg)
+    assert m["n_samples"] == 2 and m["experiment"] == "longbench_english"
+    assert {"score_multi_news", "score_rouge_score", "score_multi_news_rouge_score", "score_0-4k",
+            "score_multi_news_0-4k", "score_multi_news_8k+"} <= set(m)
+
+
+def test_missing_data_dir_fails_cleanly_on_cli(tmp_path: Path) -> None:
+    r = cli(["+experiment=longbench_core13", "model=tiny_llama", f"task.data_dir={tmp_path}/nothing",
+             f"hydra.run.dir={tmp_path}/run"], REPO)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: task.data_dir="), r.stderr
+    assert f"{tmp_path}/nothing" in lines[0] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("exp", ["longbench_core13", "longbench_english"])
+def test_experiments_combine_with_compressors(exp: str) -> None:
+    from kvcomp.experiment import build_parts
+
+    size = {"longbench_core13": 13, "longbench_english": 16}[exp]
+    for overrides in ([f"+experiment=[prompt_guided,{exp}]"], [f"+experiment={exp}", "compressor=unified",
+                                                                 "quantizer=kivi"]):
+        cfg = compose(overrides)
+        parts = build_parts(cfg)
+        assert cfg.task.name == "longbench" and len(parts.task.datasets) == size and cfg.exp_name == exp
+        assert cfg.compressor.name == "unified"
+    assert compose([f"+experiment=[prompt_guided,{exp}]"]).quantizer.name == "kvquant_stream"
