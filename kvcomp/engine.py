@@ -33,17 +33,22 @@ class Engine:
         self.stop_ids = stop_ids(model, tokenizer)
 
     def generate(
-        self, prompt_ids: list[int], max_new_tokens: int, question_ids: list[int] | None = None
+        self, prompt_ids: list[int], max_new_tokens: int, question_ids: list[int] | None = None,
+        extra_stop_ids: list[int] | None = None,
     ) -> tuple[str, Generation]:
+        """Greedy text after the prompt. ``extra_stop_ids`` end generation too, but only from the second new
+        token on (as LongBench's ``min_length=prompt+1``: the first token is never a stop token then)."""
         ids = torch.tensor([prompt_ids], device=self.device)
+        stops = self.stop_ids | set(extra_stop_ids or ())
         q = torch.tensor([question_ids], device=self.device) if question_ids else None
         cache = self.compressor.new_cache(self.model)
         with self.compressor.attach(self.model, cache, q):
             gen = greedy_generate(
-                self.model, cache, ids, max_new_tokens, self.stop_ids, self.compressor.chunk_size
+                self.model, cache, ids, max_new_tokens, stops, self.compressor.chunk_size,
+                min_new_tokens=1 if extra_stop_ids else 0,
             )
         del cache
-        toks = gen.tokens[:-1] if gen.tokens and gen.tokens[-1] in self.stop_ids else gen.tokens
+        toks = gen.tokens[:-1] if gen.tokens and gen.tokens[-1] in stops else gen.tokens
         return self.tokenizer.decode(toks, skip_special_tokens=True), gen
 
     @staticmethod

@@ -86,11 +86,16 @@ def greedy_generate(
     max_new_tokens: int,
     stop_ids: set[int],
     chunk_size: int = 0,
+    min_new_tokens: int = 0,
 ) -> Generation:
-    """Greedy decoding after a chunked prefill. TTFT = prefill + first token; memory = during prefill."""
+    """Greedy decoding after a chunked prefill. TTFT = prefill + first token; memory = during prefill.
+    With ``min_new_tokens`` >= 1 the first token is never a stop token (their logits are masked)."""
     device = input_ids.device
     with MemoryProfiler(device=device) as prof, Timer(device) as t_first:
         logits = prefill(model, cache, input_ids, chunk_size)
+        if min_new_tokens > 0 and stop_ids:
+            logits = logits.clone()
+            logits[:, sorted(stop_ids)] = float("-inf")
         nxt = logits.argmax(-1)
     stats = cache_stats(cache)
     tokens = [int(nxt[0])]

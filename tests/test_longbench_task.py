@@ -273,3 +273,27 @@ def test_experiments_combine_with_compressors(exp: str) -> None:
         assert cfg.task.name == "longbench" and len(parts.task.datasets) == size and cfg.exp_name == exp
         assert cfg.compressor.name == "unified"
     assert compose([f"+experiment=[prompt_guided,{exp}]"]).quantizer.name == "kvquant_stream"
+
+
+def test_samsum_stops_at_newline_after_first_token(tiny, tmp_path: Path) -> None:
+    """pred.py generates samsum with eos_token_id=[eos, "\\n"] and min_length=prompt+1."""
+    from kvcomp.engine import Engine
+    from kvcomp.registry import COMPRESSORS
+
+    model, tok = tiny
+    row = {**ROW, "dataset": "samsum", "_id": "s0"}
+    (tmp_path / "samsum.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "trec.jsonl").write_text(json.dumps({**row, "dataset": "trec"}) + "\n")
+    newline = tok.encode("\n", add_special_tokens=False)[-1]
+    s, other = task(subsets=["samsum", "trec"], data_dir=str(tmp_path)).samples(tok)
+    assert s.stop_ids == [newline] and other.stop_ids is None
+    engine = Engine(model, tok, COMPRESSORS.build({"name": "none"}, "compressor"))
+    _, free = engine.generate(s.prompt_ids, 12)
+    assert len(free.tokens) == 12, "pick a prompt whose free run is not cut by EOS"
+    j = next(i for i in range(1, 12) if free.tokens[i] not in free.tokens[:i])  # first new token after the 1st
+    # that token as a stop token: generation ends right after it, and it is not in the text
+    text, gen = engine.generate(s.prompt_ids, 12, extra_stop_ids=[free.tokens[j]])
+    assert gen.tokens == free.tokens[:j + 1] and text == tok.decode(free.tokens[:j], skip_special_tokens=True)
+    # the free run's first token as a stop token: it cannot be the first token (min_length), another one is
+    _, gen = engine.generate(s.prompt_ids, 12, extra_stop_ids=[free.tokens[0]])
+    assert gen.tokens[0] != free.tokens[0] and len(gen.tokens) >= 1

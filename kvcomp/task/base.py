@@ -20,6 +20,8 @@ class Sample:
     question_ids: list[int] | None = None
     max_new_tokens: int = 32
     meta: dict[str, Any] = field(default_factory=dict)
+    #: extra token ids that end generation (after at least one new token), e.g. "\n" for LongBench samsum
+    stop_ids: list[int] | None = None
 
 
 @dataclass
@@ -34,7 +36,7 @@ class Task:
 
     def run_sample(self, engine: Any, sample: Sample) -> dict[str, Any]:
         """Generate and score one sample; returns its predictions.jsonl record."""
-        text, gen = engine.generate(sample.prompt_ids, sample.max_new_tokens, sample.question_ids)
+        text, gen = engine.generate(sample.prompt_ids, sample.max_new_tokens, sample.question_ids, sample.stop_ids)
         rec = {
             "id": sample.id,
             "prompt_len": len(sample.prompt_ids),

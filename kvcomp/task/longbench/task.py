@@ -107,6 +107,8 @@ class LongBench(Task):
         return ids, encode_question(tokenizer, question_of(dataset, row))
 
     def samples(self, tokenizer: Any) -> list[Sample]:
+        """One sample per row; samsum also stops at a newline (pred.py's eos_token_id for it)."""
+        newline = [tokenizer.encode("\n", add_special_tokens=False)[-1]]
         out = []
         for dataset in self.datasets:
             for i, row in enumerate(self.rows(dataset)):
@@ -116,6 +118,7 @@ class LongBench(Task):
                     id=f"{dataset}-{row.get('_id', i)}", prompt_ids=ids, answers=[str(a) for a in answers],
                     question_ids=q or None, max_new_tokens=dataset2maxlen[dataset],
                     meta={"dataset": dataset, "length": row.get("length"), "all_classes": row.get("all_classes")},
+                    stop_ids=newline if dataset == "samsum" else None,
                 ))
         return out
 
