@@ -74,3 +74,20 @@ def test_bad_overrides_fail_cleanly(tmp_path: Path, args: list[str], needle: str
 def test_print_composed_config() -> None:
     r = cli(["+experiment=demo", "--cfg", "job"], REPO)
     assert r.returncode == 0 and "exp_name: demo" in r.stdout and "name: passkey" in r.stdout
+
+
+def test_compare_baseline_adds_full_cache_numbers() -> None:
+    """compare_baseline=true: the full cache on the same samples, in the same run."""
+    from conftest import compose
+
+    from kvcomp.experiment import run
+
+    over = ["model=tiny_llama", "task.context_length=300", "task.n_samples=2"]
+    full = run(compose(["+experiment=full_cache", *over]))
+    m = run(compose(["+experiment=int4", *over, "compare_baseline=true"]))
+    assert m["baseline_score"] == full["score"] and m["baseline_kv_bytes"] == full["kv_bytes"]
+    assert m["memory_savings_vs_baseline"] == pytest.approx(1 - m["kv_bytes"] / full["kv_bytes"])
+    assert m["memory_savings_vs_baseline"] > 0.75  # int4 codes + fp16 scales vs the fp32 full cache
+    assert m["ttft_speedup"] == pytest.approx(m["baseline_ttft_s"] / m["ttft_s"])
+    assert m["quality_retention"] is None if full["score"] == 0 else m["quality_retention"] == pytest.approx(
+        m["score"] / full["score"])
