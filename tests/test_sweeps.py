@@ -204,22 +204,12 @@ def test_two_workers_on_postgresql(tmp_path: Path) -> None:
 
 # --- presets compose and name keys that exist (no model runs) --------------------------------------
 
-def _future_keys_missing() -> bool:
-    """The method's scorer / precision / propagation configs have not landed yet."""
-    from conftest import CONF
-
-    unified = (CONF / "compressor" / "unified.yaml").read_text()
-    landed = [(CONF / "scorer" / "prompt_guided.yaml").exists(), (CONF / "propagation" / "layer_ratio.yaml").exists(),
-              "precision" in unified]
-    return not all(landed)
-
-
 NOW = [["+sweeps=ablation/smoke"], ["+sweeps=ablation/chunking"], ["+sweeps=ablation/quantization_bits"],
        *[[f"+sweeps=hpo/{p}", f"sweeps/space={s}"] for p in ("random", "tpe", "cmaes", "nsga2", "compare_all")
          for s in ("smoke", "quantizer")]]
-FUTURE = [[f"+sweeps=ablation/{p}"] for p in ("component", "importance_weights", "precision_thresholds",
+METHOD = [[f"+sweeps=ablation/{p}"] for p in ("component", "importance_weights", "precision_thresholds",
                                               "propagation_ratios", "comprehensive")]
-FUTURE += [[f"+sweeps=hpo/{p}"] for p in ("random", "tpe", "cmaes", "nsga2", "compare_all")]
+METHOD += [[f"+sweeps=hpo/{p}"] for p in ("random", "tpe", "cmaes", "nsga2", "compare_all")]
 
 
 def _compose(overrides: list[str]):
@@ -257,9 +247,7 @@ def test_presets_compose_now(overrides: list[str]) -> None:
     check_preset(overrides)
 
 
-@pytest.mark.skipif(_future_keys_missing(), reason="needs scorer=prompt_guided, propagation=layer_ratio and "
-                                                   "compressor.precision (not landed yet)")
-@pytest.mark.parametrize("overrides", FUTURE, ids=" ".join)
+@pytest.mark.parametrize("overrides", METHOD, ids=" ".join)
 def test_method_presets_compose(overrides: list[str]) -> None:
     check_preset(overrides)
 
