@@ -68,3 +68,11 @@ def positive(key: str, value: Any, allow_zero: bool = False) -> None:
 def fraction(key: str, value: Any) -> None:
     if not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
         raise ConfigError(f"{key}={value} must be a number in [0, 1]")
+
+
+def fractions(key: str, values: Any) -> None:
+    """Raise ConfigError unless ``values`` is a non-empty list of numbers in [0, 1]."""
+    if not isinstance(values, list | tuple) or not values:
+        raise ConfigError(f"{key} must be a non-empty list of numbers in [0, 1]")
+    for v in values:
+        fraction(key, v)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from kvcomp.errors import ConfigError, unknown_choice
+from kvcomp.errors import unknown_choice
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task, fraction, positive
+from kvcomp.task.base import Sample, Task, fractions, positive
 from kvcomp.task.haystack import _paragraphs
 from kvcomp.task.prompting import encode_prompt, encode_question
 
@@ -95,10 +95,7 @@ class KVRetrieval(Task):
         positive("task.context_length", self.context_length)
         positive("task.n_samples", self.n_samples)
         positive("task.max_new_tokens", self.max_new_tokens)
-        if not self.depths:
-            raise ConfigError("task.depths must be a non-empty list of numbers in [0, 1]")
-        for d in self.depths:
-            fraction("task.depths", d)
+        fractions("task.depths", self.depths)
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         rng = random.Random(self.seed)

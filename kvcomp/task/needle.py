@@ -16,7 +16,7 @@ from typing import Any
 
 from kvcomp.errors import ConfigError
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task, fraction, positive
+from kvcomp.task.base import Sample, Task, fractions, positive
 from kvcomp.task.haystack import haystack
 from kvcomp.task.prompting import encode_prompt, encode_question
 
@@ -85,10 +85,7 @@ class Needle(Task):
             raise ConfigError("task.context_lengths must be a non-empty list of positive integers")
         for n in self.context_lengths:
             positive("task.context_lengths", n)
-        if not self.depths:
-            raise ConfigError("task.depths must be a non-empty list of numbers in [0, 1]")
-        for d in self.depths:
-            fraction("task.depths", d)
+        fractions("task.depths", self.depths)
         positive("task.n_repeats", self.n_repeats)
         positive("task.n_distractors", self.n_distractors, allow_zero=True)
         if self.n_distractors >= len(CITIES):

@@ -7,9 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvcomp.errors import ConfigError
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task, fraction, positive
+from kvcomp.task.base import Sample, Task, fractions, positive
 from kvcomp.task.haystack import haystack, insert_at_depth
 from kvcomp.task.prompting import encode_prompt, encode_question
 
@@ -38,10 +37,7 @@ class Passkey(Task):
         positive("task.context_length", self.context_length)
         positive("task.n_samples", self.n_samples)
         positive("task.max_new_tokens", self.max_new_tokens)
-        if not self.depths:
-            raise ConfigError("task.depths must be a non-empty list of numbers in [0, 1]")
-        for d in self.depths:
-            fraction("task.depths", d)
+        fractions("task.depths", self.depths)
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         rng = random.Random(self.seed)
