@@ -105,8 +105,9 @@ def header(title: str, argv: list[str]) -> str:
 
     env = env_info(torch.device("cpu"))
     cpu = platform.processor() or platform.machine()
+    omp = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
     return (f"# {title}\n\n"
-            f"- command: `python -m {' '.join(argv)}`\n"
+            f"- command: `{omp}python -m {' '.join(argv)}`\n"
             f"- machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
             f"{platform.system()} {platform.release()}\n"
             f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
