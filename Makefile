@@ -7,7 +7,7 @@ export SQLALCHEMY_SILENCE_UBER_WARNING := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint install bench clean
+.PHONY: demo test test-fast lint install bench peers clean
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -35,6 +35,18 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.quant
+
+# kvpress 0.5.5 needs transformers < 5.3: the peers live in their own venv (PEERS_ARGS="--lengths 4096 --samples 2")
+PEERS_STAMP := .venv-peers/.peers-installed
+$(PEERS_STAMP):
+	@test -d .venv-peers || $(PY) -m venv .venv-peers
+	.venv-peers/bin/pip install -q --upgrade pip
+	.venv-peers/bin/pip install -q torch==2.13.0
+	.venv-peers/bin/pip install -q transformers==5.2.0 kvpress==0.5.5 optimum-quanto==0.2.7
+	@touch $(PEERS_STAMP)
+
+peers: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python -m benchmarks.peers $(PEERS_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

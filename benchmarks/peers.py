@@ -1,0 +1,227 @@
+"""kvcomp vs kvpress presses vs HF QuantizedCache on the same SmolLM2 model, samples, prompt and decoding.
+
+``make peers`` (builds ``.venv-peers``: transformers 5.2, kvpress 0.5.5, optimum-quanto) runs this from the
+main ``.venv``. Every row is one fresh subprocess (``benchmarks.peers_worker``): kvpress / quanto rows and a
+full-cache row in ``.venv-peers``; kvcomp rows and a second full-cache row in ``.venv``. Samples (offline
+suite at each ``--lengths``, ``--samples`` per subtask; WikiText-2 windows) are tokenised once here and passed
+as ids, so every system sees identical prompts; predictions are decoded and scored here.
+
+    python -m benchmarks.peers                                   # 4k + 8k, 1 sample per subtask
+    python -m benchmarks.peers --lengths 4096 --samples 2 --ppl-windows 2
+    PEERS_SMOKE=1 python -m benchmarks.peers                     # tiny random model, 1 sample, 1 ratio
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from benchmarks.common import REPO, compose, header, wikitext_ids
+from benchmarks.peers_report import write_report
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MAIN_PY, PEERS_PY = REPO / ".venv" / "bin" / "python", REPO / ".venv-peers" / "bin" / "python"
+PRESSES = ["SnapKVPress", "ExpectedAttentionPress", "StreamingLLMPress", "KnormPress"]
+
+
+def rows_for(ratios: list[float]) -> list[dict[str, Any]]:
+    """Every configuration: label, system, environment and the worker's params."""
+    rows = [{"name": "full cache (peers env)", "system": "full", "env": "peers", "params": {"system": "full"}},
+            {"name": "full cache (kvcomp env)", "system": "full", "env": "main", "params": {"system": "full"}}]
+    for press in PRESSES:
+        for r in ratios:
+            rows.append({"name": f"kvpress {press[:-5]} {r:g}", "system": "kvpress", "env": "peers",
+                         "params": {"system": "kvpress", "press": press, "ratio": r}})
+    mid = ratios[len(ratios) // 2]
+    rows.append({"name": f"kvpress SnapKV {mid:g} + quanto int4", "system": "kvpress+quant", "env": "peers",
+                 "params": {"system": "kvpress", "press": "SnapKVPress", "ratio": mid, "nbits": 4}})
+    for bits in (4, 2):
+        rows.append({"name": f"HF QuantizedCache quanto int{bits}", "system": "hf-quantized", "env": "peers",
+                     "params": {"system": "quanto", "nbits": bits}})
+    for r in ratios:
+        keep = round(1 - r, 4)
+        rows.append({"name": f"kvcomp snapkv {r:g}", "system": "kvcomp", "env": "main",
+                     "params": {"system": "kvcomp", "method": "snapkv",
+                                "overrides": {"compressor.precision.keep_ratio": keep}}})
+        rows.append({"name": f"kvcomp prompt_guided budget {r:g}", "system": "kvcomp", "env": "main",
+                     "params": {"system": "kvcomp", "method": "prompt_guided",
+                                "overrides": {"compressor.precision.mode": "budget",
+                                              "compressor.precision.keep_ratio": keep}}})
+    for m in ("kvquant_stream", "livekvquant"):
+        rows.append({"name": f"kvcomp {m}", "system": "kvcomp", "env": "main",
+                     "params": {"system": "kvcomp", "method": m}})
+    return rows
+
+
+def model_and_tokenizer(smoke: bool) -> tuple[str, Any]:
+    """(directory with config + safetensors, tokenizer): SmolLM2-135M (converted once) or a tiny random LLaMA."""
+    from kvcomp.model import ModelConfig, load_model
+    from kvcomp.model.loader import _embedded_path, cache_dir
+
+    if smoke:
+        from kvcomp.model.tiny import tiny_llama
+
+        path = cache_dir() / "peers-smoke-tiny-llama"
+        model, tok = tiny_llama()
+        if not (path / "config.json").exists():
+            model.save_pretrained(path)
+        return str(path), tok
+    cfg = ModelConfig(**dict(compose([]).model))
+    _, tok = load_model(cfg)
+    return str(_embedded_path(cfg)), tok
+
+
+def build_samples(tok: Any, lengths: list[int], n: int, subtasks: list[str] | None = None
+                  ) -> tuple[dict[int, Any], list[dict[str, Any]]]:
+    """Offline-suite task per length (for scoring) and the serialised samples of all lengths."""
+    from kvcomp.task.offline_suite import SUBTASKS, OfflineSuite
+
+    tasks, out = {}, []
+    for length in lengths:
+        tasks[length] = OfflineSuite(context_length=length, n_samples=n, seed=0, subtasks=list(subtasks or SUBTASKS))
+        for s in tasks[length].samples(tok):
+            out.append({"id": f"{length}/{s.id}", "length": length, "subtask": s.meta["subtask"],
+                        "prompt_ids": s.prompt_ids, "question_ids": s.question_ids,
+                        "max_new_tokens": s.max_new_tokens, "answers": s.answers, "meta": s.meta})
+    return tasks, out
+
+
+def ppl_windows(tok: Any, n: int, ctx: int, cont: int) -> list[dict[str, list[int]]]:
+    if n <= 0:
+        return []
+    ids = wikitext_ids(tok, n * (ctx + cont))[0].tolist()
+    step = ctx + cont
+    return [{"ctx": ids[i * step : i * step + ctx], "cont": ids[i * step + ctx : (i + 1) * step]} for i in range(n)]
+
+
+def run_row(row: dict[str, Any], spec: dict[str, Any], tmp: Path, done: Path | None = None) -> dict[str, Any]:
+    """Worker output of one row; with ``done`` (a folder), a row already measured with this exact spec is
+    read back instead of re-run (``--resume``), and every finished row is kept there."""
+    key = hashlib.sha256(json.dumps([spec, row["params"], row["env"]], sort_keys=True).encode()).hexdigest()[:16]
+    if done is not None and (done / f"{key}.json").exists():
+        print(f"  (resumed from {done / key}.json)", file=sys.stderr)
+        return json.loads((done / f"{key}.json").read_text())
+    out = _run_worker(row, spec, tmp)
+    if done is not None and "error" not in out:
+        done.mkdir(parents=True, exist_ok=True)
+        (done / f"{key}.json").write_text(json.dumps(out))
+    return out
+
+
+def _run_worker(row: dict[str, Any], spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    py = PEERS_PY if row["env"] == "peers" else MAIN_PY
+    if not py.exists():
+        raise SystemExit(f"{py} is missing; run `make peers` (it builds .venv-peers) or `make install`")
+    sp, op = tmp / "spec.json", tmp / "out.json"
+    sp.write_text(json.dumps({**spec, "name": row["name"], "params": row["params"]}))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([str(py), "-m", "benchmarks.peers_worker", str(sp), str(op)], cwd=REPO, env=env,
+                         stderr=subprocess.PIPE, text=True, check=False)
+    if res.returncode != 0:
+        print(res.stderr[-3000:], file=sys.stderr)
+        return {"name": row["name"], "error": res.stderr.strip().splitlines()[-1][:200] if res.stderr else "failed"}
+    print(res.stderr.rstrip(), file=sys.stderr)
+    return json.loads(op.read_text())
+
+
+def summarise(row: dict[str, Any], out: dict[str, Any], tasks: dict[int, Any], samples: list[dict[str, Any]],
+              tok: Any, stop: set[int]) -> list[dict[str, Any]]:
+    """One table line per length: score, kv bytes, peak RSS, TTFT; PPL from the WikiText-2 windows."""
+    from kvcomp.task.base import Sample
+
+    by_id = {s["id"]: s for s in samples}
+    base = {"name": row["name"], "system": row["system"], "env": row["env"]}
+    if "error" in out:
+        return [{**base, "error": out["error"]}]
+    nll = out.get("nll") or []
+    ppl = math.exp(sum(x[0] for x in nll) / sum(x[1] for x in nll)) if nll else None
+    ppl_kv = sum(x[2] for x in nll) / len(nll) if nll else None
+    lines = []
+    for length, task in tasks.items():
+        recs = []
+        for r in out["records"]:
+            s = by_id[r["id"]]
+            if s["length"] != length:
+                continue
+            toks = r["tokens"][:-1] if r["tokens"] and r["tokens"][-1] in stop else r["tokens"]
+            text = tok.decode(toks, skip_special_tokens=True)
+            sample = Sample(id=s["id"], prompt_ids=s["prompt_ids"], answers=s["answers"], meta=s["meta"])
+            recs.append({**r, "prediction": text, "subtask": s["subtask"], "score": task.score(sample, text)})
+        agg = task.aggregate(recs)
+        lines.append({**base, "length": length, "score": agg["score"],
+                      **{k: v for k, v in agg.items() if k.startswith("score_")},
+                      "kv_bytes": sum(r["kv_bytes"] for r in recs) / len(recs),
+                      "kv_bytes_ppl": ppl_kv, "ppl": ppl,
+                      "peak_rss_bytes": max(r["peak_rss_bytes"] for r in recs),
+                      "ttft_s": sum(r["ttft_s"] for r in recs) / len(recs),
+                      "predictions": {r["id"]: r["tokens"] for r in recs}, "versions": out.get("versions", {})})
+    return lines
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--samples", type=int, default=1, help="samples per offline-suite subtask and length")
+    p.add_argument("--subtasks", nargs="+", default=None, help="offline-suite subtasks (default: all five)")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--ppl-windows", type=int, default=2)
+    p.add_argument("--ppl-ctx", type=int, default=2048)
+    p.add_argument("--ppl-cont", type=int, default=256)
+    p.add_argument("--only", nargs="*", default=None, help="run rows whose name contains one of these")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--resume", action="store_true", help="reuse rows finished by an earlier run with the same spec")
+    a = p.parse_args(argv)
+    smoke = os.environ.get("PEERS_SMOKE") == "1"
+    if smoke:
+        a.lengths, a.samples, a.ratios, a.ppl_windows, a.ppl_ctx, a.ppl_cont = [512], 1, [0.5], 1, 256, 64
+        a.out_dir = a.out_dir / "smoke" if a.out_dir == RESULTS else a.out_dir
+    from kvcomp.engine import stop_ids
+    from kvcomp.model.loader import cache_dir
+
+    model_path, tok = model_and_tokenizer(smoke)
+    tasks, samples = build_samples(tok, a.lengths, a.samples, ["passkey"] if smoke else a.subtasks)
+    from transformers import GenerationConfig
+
+    try:
+        gen_cfg = GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        gen_cfg = GenerationConfig()
+    stop = stop_ids(SimpleNamespace(generation_config=gen_cfg), tok)
+    spec = {"model_path": model_path, "stop_ids": sorted(stop), "threads": torch.get_num_threads(),
+            "samples": [{k: s[k] for k in ("id", "prompt_ids", "question_ids", "max_new_tokens")} for s in samples],
+            "ppl": ppl_windows(tok, a.ppl_windows, a.ppl_ctx, a.ppl_cont)}
+    rows = rows_for(a.ratios)
+    if a.only:
+        rows = [r for r in rows if r["system"] == "full" or any(o in r["name"] for o in a.only)]
+    table: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in rows:
+            print(f"[peers] {row['name']} ({row['env']} env)", file=sys.stderr)
+            done = cache_dir() / "peers_rows" if a.resume else None
+            table += summarise(row, run_row(row, spec, Path(tmp), done), tasks, samples, tok, stop)
+    settings = (f"{'tiny random LLaMA (smoke)' if smoke else 'SmolLM2-135M-Instruct'} fp32 on CPU, sdpa; offline "
+                f"suite ({', '.join(a.subtasks or ['all subtasks'])}) at {a.lengths} tokens, {a.samples} sample(s) "
+                "per subtask and length; WikiText-2: "
+                f"{a.ppl_windows} window(s) of {a.ppl_ctx} context tokens through the cache, PPL on the next "
+                f"{a.ppl_cont}; greedy; kvpress ratios {a.ratios}")
+    cmd = ["benchmarks.peers", *(argv or sys.argv[1:])]
+    head = header("kvcomp vs kvpress vs HF QuantizedCache", cmd).replace("`python -m", "`nice -n 19 python -m")
+    head = head.replace("`nice", "`PEERS_SMOKE=1 nice") if smoke else head
+    write_report(table, a.out_dir, head + f"- settings: {settings}\n")
+    return table
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
