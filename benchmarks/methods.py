@@ -4,7 +4,8 @@ Columns: bytes the cache holds vs an fp16 cache of every token seen; task score 
 tokens relative to the full cache (same samples); TTFT (prefill of ``--ttft-tokens`` WikiText-2 tokens
 plus a question) relative to the full cache, median of ``--repeats``, configurations interleaved.
 ``snapkv@eq``/``h2o@eq`` store with the same quantizer as ``prompt_guided`` and keep the fraction of
-tokens that makes their kv_bytes match ``prompt_guided``'s, for the equal-bytes comparison.
+tokens that makes their kv_bytes match ``prompt_guided``'s on a ``--context``-token WikiText-2 prefill
+(calibrated by a few secant steps), for the equal-bytes comparison.
 
     python -m benchmarks.methods                  # offline suite (passkey, needle) at 4k, TTFT at 8k (~25 min)
     python -m benchmarks.methods --subtasks passkey needle kv_retrieval passage_retrieval passage_count
@@ -26,6 +27,7 @@ from benchmarks.common import compose, header, load, median, table, timed_prefil
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION = "What is the main topic of the text above? Answer in one sentence."
+VARIANTS = {"prompt_guided, propagation=none": ["propagation=none"]}
 BASE = ["full_cache", "kvquant_stream", "prompt_guided", "snapkv", "h2o", "streaming_llm", "fastkv"]
 
 
@@ -33,6 +35,30 @@ def score(exp: str, task: list[str], extra: list[str]) -> dict[str, Any]:
     from kvcomp.experiment import run
 
     return run(compose([f"+experiment={exp}", *task, *extra]))
+
+
+def compressor(exp: str, extra: list[str] | None = None) -> Any:
+    from kvcomp.experiment import build_parts
+
+    return build_parts(compose([f"+experiment={exp}", *(extra or [])])).compressor
+
+
+def match_keep(model: Any, peer: str, extra: list[str], ids: torch.Tensor, qids: torch.Tensor) -> float:
+    """keep_ratio at which ``peer`` (with ``extra``) holds as many kv_bytes as ``prompt_guided`` after a
+    prefill of ``ids`` [1, T]: bytes are close to linear in keep_ratio, so a few secant steps suffice."""
+    target = timed_prefill(model, compressor("prompt_guided"), ids, qids)[1]["kv_bytes"]
+    pts: list[tuple[float, float]] = []
+    keep = 0.5
+    for _ in range(4):
+        b = timed_prefill(model, compressor(peer, [*extra, f"compressor.precision.keep_ratio={keep:.4f}"]),
+                          ids, qids)[1]["kv_bytes"]
+        pts.append((keep, b))
+        print(f"  calibrate {peer}: keep {keep:.4f} -> kv_bytes {b / target:.3f}x prompt_guided", file=sys.stderr)
+        if abs(b / target - 1) < 0.01:
+            break
+        (k0, b0), (k1, b1) = (pts[-2], pts[-1]) if len(pts) > 1 else ((0.0, 0.0), pts[-1])
+        keep = min(1.0, max(0.01, k1 + (target - b1) * (k1 - k0) / (b1 - b0)))
+    return min(pts, key=lambda p: abs(p[1] - target))[0]
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -55,21 +81,28 @@ def main(argv: list[str] | None = None) -> str:
         rows[exp] = {"experiment": exp, "score": m["score"], "bytes_ratio": m["kv_bytes_fp16"] / m["kv_bytes"],
                      "kv_bytes": m["kv_bytes"], "extra": []}
         print(f"  {exp:>15}: score {m['score']:.2f}  fp16/kv {rows[exp]['bytes_ratio']:.2f}", file=sys.stderr)
-    # equal-bytes peers: same quantizer as prompt_guided, keep ratio matched to its kv_bytes
+    # ablation: where prompt_guided loses score (precision tiers alone, no propagation)
+    for name, extra in VARIANTS.items():
+        m = score("prompt_guided", task, extra)
+        rows[name] = {"experiment": name, "score": m["score"], "bytes_ratio": m["kv_bytes_fp16"] / m["kv_bytes"],
+                      "kv_bytes": m["kv_bytes"], "extra": extra}
+        print(f"  {name:>15}: score {m['score']:.2f}  fp16/kv {rows[name]['bytes_ratio']:.2f}", file=sys.stderr)
+    # equal-bytes peers: same quantizer as prompt_guided, keep ratio calibrated to its kv_bytes
+    model, tok, _ = load("full_cache")
     q = compose(["+experiment=prompt_guided"]).quantizer.name
-    keep = min(1.0, rows["prompt_guided"]["kv_bytes"] / rows["kvquant_stream"]["kv_bytes"])
+    qids = torch.tensor([tok(QUESTION, add_special_tokens=False)["input_ids"]])
+    calib = torch.cat([wikitext_ids(tok, a.context), qids], dim=1)
     for peer in ("snapkv", "h2o"):
-        extra = [f"quantizer={q}", "compressor.chunk_size=512", f"compressor.precision.keep_ratio={keep:.3f}"]
+        keep = match_keep(model, peer, [f"quantizer={q}", "compressor.chunk_size=512"], calib, qids)
+        extra = [f"quantizer={q}", "compressor.chunk_size=512", f"compressor.precision.keep_ratio={keep:.4f}"]
         m = score(peer, task, extra)
         name = f"{peer}@eq"
         rows[name] = {"experiment": name, "score": m["score"], "bytes_ratio": m["kv_bytes_fp16"] / m["kv_bytes"],
                       "kv_bytes": m["kv_bytes"], "extra": extra}
         print(f"  {name:>15}: score {m['score']:.2f}  fp16/kv {rows[name]['bytes_ratio']:.2f}", file=sys.stderr)
     # TTFT, interleaved
-    comps = {e: load(e, rows[e]["extra"] if e in rows else [])[2] for e in BASE}
-    model, tok, _ = load("full_cache")
+    comps = {e: compressor(e) for e in BASE}
     ids = wikitext_ids(tok, a.ttft_tokens)
-    qids = torch.tensor([tok(QUESTION, add_special_tokens=False)["input_ids"]])
     ids = torch.cat([ids, qids], dim=1)
     times: dict[str, list[float]] = {e: [] for e in BASE}
     for r in range(a.repeats):
