@@ -46,3 +46,15 @@ def test_experiment_files_only_override() -> None:
         for entry in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []):
             key = next(iter(entry)) if isinstance(entry, dict) else entry
             assert key.startswith("override "), f"{path.name}: {key}"
+
+
+def test_tiny_tokenizer_ids_do_not_depend_on_the_process() -> None:
+    """tokenizers returns the byte alphabet as a set (per-process order); the ids must not follow it, or
+    the same seed and config give different tiny-model runs in two processes."""
+    from tokenizers import pre_tokenizers
+
+    from kvcomp.model.tiny import SPECIALS, byte_tokenizer
+
+    tok = byte_tokenizer()
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    assert [tok.convert_tokens_to_ids(c) for c in chars] == list(range(len(SPECIALS), len(SPECIALS) + 256))

@@ -281,7 +281,7 @@ def test_samsum_stops_at_newline_after_first_token(tiny, tmp_path: Path) -> None
     from kvcomp.registry import COMPRESSORS
 
     model, tok = tiny
-    row = {**ROW, "dataset": "samsum", "_id": "s0"}
+    row = {**ROW, "context": "Anna: hi Bob!\nBob: hello, how are you?\n" * 20, "dataset": "samsum", "_id": "s0"}
     (tmp_path / "samsum.jsonl").write_text(json.dumps(row) + "\n")
     (tmp_path / "trec.jsonl").write_text(json.dumps({**row, "dataset": "trec"}) + "\n")
     newline = tok.encode("\n", add_special_tokens=False)[-1]

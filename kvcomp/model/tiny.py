@@ -16,7 +16,7 @@ CHATML = (
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """One token per byte (259 ids: 3 specials + 256 bytes), ChatML chat template, no BOS."""
     vocab = {s: i for i, s in enumerate(SPECIALS)}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # the set comes back in a per-process order
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
