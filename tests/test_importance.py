@@ -134,6 +134,25 @@ def test_dropped_tokens_never_reach_later_layers(tiny) -> None:
     assert pos[3] == sorted(pos[3])  # kept tokens keep their own positions, in order
 
 
+def test_decode_after_propagation_keeps_absolute_positions(tiny) -> None:
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, 200), generator=torch.Generator().manual_seed(3))
+    comp = unified("snapkv", propagation="layer_ratio", chunk=64, keep_last=0)
+    cache = comp.new_cache(model)
+    with comp.attach(model, cache):
+        gen = greedy_generate(model, cache, ids, 5, set(), comp.chunk_size)
+    assert len(gen.tokens) == 5
+    assert cache.get_seq_length() == 204
+    for layer in cache.layers:  # 4 generated tokens were decoded at 200..203, in every layer
+        pos = torch.cat([*layer.pos_blocks, *([] if layer.res_pos is None else [layer.res_pos])]).tolist()
+        assert pos[-4:] == [200, 201, 202, 203], (layer.layer_idx, pos[-6:])
+    # fp16 reference: every token of the sequence in every layer, including those propagation dropped
+    cfg = model.config
+    per_tok = 2 * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)  # K+V, fp16
+    assert min(layer.held() for layer in cache.layers) < 204
+    assert cache.get_compression_stats()["kv_bytes_fp16"] == 204 * len(cache.layers) * per_tok
+
+
 def test_generate_after_propagation_and_drops(tiny) -> None:
     model, tok = tiny
     ids = torch.randint(3, 250, (1, 300), generator=torch.Generator().manual_seed(4))

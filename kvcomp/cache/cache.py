@@ -42,6 +42,7 @@ class CompressedCache(Cache):
         self.policy = policy
         self.scoring = scoring
         self.pending_positions: dict[int, torch.Tensor] = {}
+        self.step_positions: torch.Tensor | None = None  # absolute positions of this forward's tokens
         self.layer_scores: dict[int, torch.Tensor] = {}
         self.guide_appended = 0
         self.guide_ids: torch.Tensor | None = None  # question ids appended to non-final prefill chunks
@@ -52,7 +53,14 @@ class CompressedCache(Cache):
         """Absolute positions [q] of the tokens a layer receives in this forward."""
         pos = self.pending_positions.pop(layer_idx, None)
         if pos is None:
-            return torch.arange(seen, seen + q, device=device)
+            # layer 0 sees every token, so its count is absolute; later layers reuse its positions for this
+            # forward (after propagation dropped tokens, their own count is smaller than the sequence)
+            step = self.step_positions
+            if layer_idx == 0 or step is None or step.numel() != q:
+                step = torch.arange(seen, seen + q, device=device)
+                if layer_idx == 0:
+                    self.step_positions = step
+            return step.to(device)
         if pos.numel() != q:
             raise RuntimeError(f"layer {layer_idx}: {pos.numel()} pending positions for {q} new tokens")
         return pos.to(device)
@@ -87,10 +95,12 @@ class CompressedCache(Cache):
 
 
 def summarize(layers: list[dict[str, Any]], shape: tuple[int, int, int]) -> dict[str, Any]:
-    """Whole-cache statistics from per-layer stats. fp16 reference = every token seen, in every layer."""
+    """Whole-cache statistics from per-layer stats. fp16 reference = a plain fp16 cache of every token the
+    model processed (the sequence length) in every layer, also where propagation kept a layer from seeing
+    some of them: those tokens are a saving too."""
     b, h, d = shape
     per_tok = b * h * d * 2  # bytes of one token's K (or V) in fp16
-    fp16_k = sum(ls["tokens_seen"] for ls in layers) * per_tok
+    fp16_k = max((ls["tokens_seen"] for ls in layers), default=0) * len(layers) * per_tok
     kb = sum(ls["key_bytes"] for ls in layers)
     vb = sum(ls["value_bytes"] for ls in layers)
     kv = sum(ls["kv_bytes"] for ls in layers)
