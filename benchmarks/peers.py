@@ -125,7 +125,11 @@ def _run_worker(row: dict[str, Any], spec: dict[str, Any], tmp: Path) -> dict[st
         raise SystemExit(f"{py} is missing; run `make peers` (it builds .venv-peers) or `make install`")
     sp, op = tmp / "spec.json", tmp / "out.json"
     sp.write_text(json.dumps({**spec, "name": row["name"], "params": row["params"]}))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    # glibc: allocations >= 1 MiB go to mmap and return to the OS when freed, so the RSS high-water mark
+    # follows live tensors rather than heap fragments (same for every system; without it, repeats of one
+    # row differed by up to 300 MiB at 8k)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO),
+           "MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
     res = subprocess.run([str(py), "-m", "benchmarks.peers_worker", str(sp), str(op)], cwd=REPO, env=env,
                          stderr=subprocess.PIPE, text=True, check=False)
     if res.returncode != 0:

@@ -129,7 +129,9 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, head: str) -> None:
     text = (head + "- packages: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + "\n"
             "- kv MiB held: sum of `nbytes` of every tensor the cache object holds after the prefill (quanto's "
             "packed tensors through their inner tensors); peak prefill RSS: kernel high-water mark above the RSS "
-            "before the prefill, fresh process per row; TTFT: prefill + first decode step.\n\n"
+            "before the prefill, fresh process per row, glibc MALLOC_MMAP_THRESHOLD_=1 MiB in every row (large "
+            "buffers return to the OS when freed); TTFT: prefill + first decode step. Decoding passes absolute "
+            "position ids (as kvpress's pipeline does), so evicting caches keep their RoPE positions.\n\n"
             + table(rows, COLS) + "\n\nSame-prompt check:\n" + identity_check(rows)
             + "\n\nGoals (issue 9):\n" + goals(rows) + "\n" + (f"\nFailed rows:\n{errors}\n" if errors else ""))
     (out_dir / "peers.md").write_text(text)

@@ -130,9 +130,12 @@ def run_sample(sys_: System, s: dict[str, Any], stop: set[int]) -> dict[str, Any
         t_prefill = time.perf_counter() - t0
         peak = proc_kib("VmHWM") - rss0
         kv = tensor_bytes(cache)
-        nxt, toks = ids[:, -1:], []
-        for _ in range(int(s["max_new_tokens"])):
-            nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        nxt, toks, pos = ids[:, -1:], [], ids.shape[1] - 1
+        for i in range(int(s["max_new_tokens"])):
+            # explicit absolute positions, as kvpress's own pipeline does: an evicting cache's length is the
+            # number of tokens kept, so positions derived from it would shift the queries' RoPE
+            nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True,
+                        position_ids=torch.tensor([[pos + i]])).logits[:, -1:].argmax(-1)
             toks.append(int(nxt[0, 0]))
             if len(toks) == 1:
                 ttft = time.perf_counter() - t0
@@ -154,7 +157,8 @@ def window_nll(sys_: System, ctx: list[int], cont: list[int]) -> tuple[float, in
         if sys_.kind == "kvcomp":  # score the continuation through the cache, without compressing it
             cache.scoring = None
             cache.layer_scores.clear()
-        logits = sys_.model(input_ids=c, past_key_values=cache, use_cache=True).logits[0]
+        pos = torch.arange(len(ctx), len(ctx) + len(cont)).unsqueeze(0)  # absolute, see run_sample
+        logits = sys_.model(input_ids=c, past_key_values=cache, use_cache=True, position_ids=pos).logits[0]
     pred = torch.cat([last.float(), logits[:-1].float()])
     nll = torch.nn.functional.cross_entropy(pred, c[0], reduction="sum")
     return float(nll), len(cont), kv
