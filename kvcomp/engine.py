@@ -63,7 +63,8 @@ class Engine:
             **gen.memory,
         }
         for k in ("kv_bytes", "kv_bytes_fp16", "compression_ratio", "memory_savings", "avg_key_bits",
-                  "avg_value_bits", "outlier_ratio", "tokens_held", "tokens_dropped"):
+                  "avg_value_bits", "outlier_ratio", "tokens_held", "tokens_dropped", "compression_ratio_key",
+                  "compression_ratio_value", "sink_tokens"):
             rec[k] = c.get(k)
         rec["per_layer"] = c.get("per_layer", [])
         return rec

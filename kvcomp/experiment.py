@@ -29,7 +29,8 @@ from kvcomp.registry import COMPRESSORS, LOGGERS, PROPAGATORS, QUANTIZERS, SCORE
 
 log = logging.getLogger(__name__)
 MEAN_KEYS = ("ttft_s", "decode_s", "tokens_per_s", "avg_rss_bytes", "kv_bytes", "kv_bytes_fp16",
-             "avg_key_bits", "avg_value_bits", "outlier_ratio", "tokens_held", "tokens_dropped")
+             "avg_key_bits", "avg_value_bits", "outlier_ratio", "tokens_held", "tokens_dropped",
+             "compression_ratio_key", "compression_ratio_value", "sink_tokens")
 MAX_KEYS = ("peak_rss_bytes", "cuda_max_allocated_bytes")
 
 

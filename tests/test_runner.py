@@ -12,7 +12,8 @@ import pytest
 from conftest import REPO
 
 METRIC_KEYS = {"task", "score", "n_samples", "ttft_s", "tokens_per_s", "peak_rss_bytes", "kv_bytes",
-               "kv_bytes_fp16", "compression_ratio", "memory_savings", "objective"}
+               "kv_bytes_fp16", "compression_ratio", "memory_savings", "objective", "compression_ratio_key",
+               "compression_ratio_value", "sink_tokens", "avg_key_bits", "avg_value_bits", "outlier_ratio"}
 
 
 def cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
