@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from kvcomp.errors import KvcompError, unknown_choice
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ("model", "compressor", "quantizer", "propagation", "task", "logger", "experiment")
+GROUPS = ("model", "compressor", "quantizer", "propagation", "scorer", "task", "logger", "experiment")
 
 
 def check_overrides(argv: list[str]) -> None:

@@ -53,6 +53,7 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args,needle", [
     (["quantizer=nosuch"], "quantizer=nosuch is not one of"),
+    (["scorer=snapk"], "scorer=snapk is not one of"),
     (["+experiment=demo", "model=tiny_llama", "task.context_length=-1"], "task.context_length=-1"),
     (["model=tiny_llama", "+experiment=nosuch"], "experiment=nosuch is not one of"),
     (["model=tiny_llama", "+compressor.chunk_sz=3"], "compressor.chunk_sz"),
