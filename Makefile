@@ -23,7 +23,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m runners.run +experiment=demo
 
-test: $(STAMP)
+# the tests also run the Triton decode kernel in Triton's CPU interpreter: the optional extra, once
+TRITON_STAMP := $(VENV)/.triton-installed
+$(TRITON_STAMP): $(STAMP)
+	$(BIN)/pip install -q "triton==3.9.0" numpy
+	@touch $(TRITON_STAMP)
+
+test: $(STAMP) $(TRITON_STAMP)
 	$(BIN)/python -m ruff check kvcomp runners tests benchmarks hydra_plugins
 	$(BIN)/python -m pytest -q -ra
 
