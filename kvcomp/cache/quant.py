@@ -148,11 +148,10 @@ class ChannelSplit:
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         b, h, t, d = self.shape
-        keep = torch.ones(h * d, dtype=torch.bool, device=self.cols.device)
-        keep[self.cols.long()] = False
+        cols = self.cols.long()
         out = torch.empty(b, t, h * d, dtype=dtype, device=self.cols.device)
-        out[..., keep] = self.normal.dequantize(dtype).reshape(b, t, -1)
-        out[..., self.cols.long()] = self.special.dequantize(dtype).reshape(b, t, -1)
+        out.index_copy_(-1, rest_columns(h * d, cols), self.normal.dequantize(dtype).reshape(b, t, -1))
+        out.index_copy_(-1, cols, self.special.dequantize(dtype).reshape(b, t, -1))
         return out.reshape(b, t, h, d).transpose(1, 2)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -168,9 +167,16 @@ def columns(x: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """Split ``x`` [B, H, T, D] into ([B, 1, T, n_rest], [B, 1, T, n_cols]) by flat column ``h * D + d``."""
     b, h, t, d = x.shape
     flat = x.transpose(1, 2).reshape(b, t, h * d)
-    keep = torch.ones(h * d, dtype=torch.bool, device=x.device)
-    keep[cols.long()] = False
-    return flat[..., keep].unsqueeze(1), flat[..., cols.long()].unsqueeze(1)
+    cols = cols.long()
+    return flat.index_select(-1, rest_columns(h * d, cols)).unsqueeze(1), flat.index_select(-1, cols).unsqueeze(1)
+
+
+def rest_columns(n: int, cols: torch.Tensor) -> torch.Tensor:
+    """The ``n - len(cols)`` column indices not in ``cols`` (distinct, int64), ascending, on ``cols``' device,
+    without a device-to-host sync (a boolean-mask index would need one on CUDA)."""
+    keep = torch.ones(n, dtype=torch.uint8, device=cols.device)
+    keep[cols] = 0
+    return torch.argsort(keep, descending=True, stable=True)[: n - cols.numel()]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
