@@ -186,3 +186,12 @@ def test_question_guides_every_chunk(tiny) -> None:
     h.remove()
     assert lengths == [57, 57, 30]  # question appended to the two non-final chunks
     assert cache.get_seq_length() == 130 and cache.layers[0].held() == 130  # its K/V never stored
+
+
+def test_propagation_with_flash_attention_is_a_config_error(tiny, monkeypatch) -> None:
+    model, _ = tiny
+    comp = unified("snapkv", propagation="layer_ratio", chunk=64)
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    with pytest.raises(ConfigError, match="attn_implementation=flash_attention_2"):
+        with comp.attach(model, comp.new_cache(model)):
+            pass

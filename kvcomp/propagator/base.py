@@ -70,6 +70,10 @@ class Propagator:
         layers = decoder_layers(model)
         n = len(layers)
         active = self.active(n)
+        impl = str(getattr(model.config, "_attn_implementation", None) or "")
+        if (active or fix_masks) and impl.startswith("flash"):
+            raise ConfigError(f"model.attn_implementation={impl} takes no per-layer masks; propagation and token "
+                              "drops need sdpa or eager (model.attn_implementation=sdpa)")
         if not (active or fix_masks):
             return []
         fw = _Forward()
