@@ -20,6 +20,17 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _head() -> str:
+    res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True, check=False).stdout.strip()
+    return (res.stdout.strip() or "?") + (" (+ uncommitted changes)" if dirty else "")
+
+
+#: the code a benchmark ran: HEAD when it started (the header is written at the end)
+START_COMMIT = _head()
 CONF = REPO / "conf"
 
 
@@ -101,9 +112,6 @@ def header(title: str, argv: list[str]) -> str:
     """Markdown header: machine, versions, the command that produced the table."""
     import transformers
 
-    from kvcomp.envinfo import env_info
-
-    env = env_info(torch.device("cpu"))
     cpu = platform.processor() or platform.machine()
     omp = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
     return (f"# {title}\n\n"
@@ -111,7 +119,7 @@ def header(title: str, argv: list[str]) -> str:
             f"- machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
             f"{platform.system()} {platform.release()}\n"
             f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, kvcomp commit {env.get('git_commit', '?')}\n"
+            f"transformers {transformers.__version__}, kvcomp commit {START_COMMIT} at the start\n"
             f"- date: {time.strftime('%Y-%m-%d %H:%M')}\n")
 
 

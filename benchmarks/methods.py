@@ -9,6 +9,7 @@ tokens that makes their kv_bytes match ``prompt_guided``'s on the same task samp
 
     python -m benchmarks.methods                  # offline suite (passkey, needle) at 4k, TTFT at 8k (~25 min)
     python -m benchmarks.methods --subtasks passkey needle kv_retrieval passage_retrieval passage_count
+    python -m benchmarks.methods --ttft-only      # TTFT columns alone (methods_ttft.md, ~10 min)
 
 The default subtasks are the offline tasks SmolLM2-135M solves with the full cache (README "Evaluation");
 on the other three its full-cache score is 0, so a ratio to it says nothing.
@@ -64,6 +65,42 @@ def match_keep(peer: str, extra: list[str], task: list[str], target: float, tol:
     return min(runs, key=lambda r: abs(r[1]["kv_bytes"] - target))
 
 
+def ttft(tokens: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of a prefill of ``tokens`` WikiText-2 tokens + a question per BASE configuration, ``repeats``
+    times, configurations interleaved (reversed order every other round)."""
+    model, tok, _ = load("full_cache")
+    qids = torch.tensor([tok(QUESTION, add_special_tokens=False)["input_ids"]])
+    comps = {e: compressor(e) for e in BASE}
+    ids = torch.cat([wikitext_ids(tok, tokens), qids], dim=1)
+    times: dict[str, list[float]] = {e: [] for e in BASE}
+    for r in range(repeats):
+        for e in BASE if r % 2 == 0 else BASE[::-1]:
+            times[e].append(timed_prefill(model, comps[e], ids, qids)[0])
+            print(f"  TTFT {tokens} {e:>15}: {times[e][-1]:.2f} s", file=sys.stderr)
+    return times
+
+
+def ttft_only(a: argparse.Namespace, argv: list[str] | None) -> str:
+    """``--ttft-only``: the TTFT columns alone (to measure them with nothing else running)."""
+    times = ttft(a.ttft_tokens, a.repeats)
+    full = median(times["full_cache"])
+    rows = [{"experiment": e, "ttft_s": median(t), "ttft_rel": median(t) / full,
+             "runs": " ".join(f"{x:.2f}" for x in t)} for e, t in times.items()]
+    cols = [("experiment", "configuration", ""), ("ttft_s", f"TTFT s @{a.ttft_tokens} (median)", ".2f"),
+            ("ttft_rel", "TTFT vs full", ".2f"), ("runs", "each run, s", "")]
+    pg = next(r for r in rows if r["experiment"] == "prompt_guided")
+    text = (header("Prefill time (TTFT) of the importance-based methods vs full cache",
+                   ["benchmarks.methods", *(argv or sys.argv[1:])])
+            + f"- settings: SmolLM2-135M-Instruct fp32 on CPU, sdpa, chunks of 512; prefill of {a.ttft_tokens} "
+            f"WikiText-2 tokens + a question, {a.repeats} interleaved rounds; full cache unchunked.\n\n"
+            + table(rows, cols) + f"\n\nGoal (issue 6):\n- [{'x' if pg['ttft_rel'] <= 0.65 else ' '}] prompt_guided "
+            f"with layer_ratio propagation: TTFT {pg['ttft_rel']:.2f}x the full cache (goal <= 0.65x)\n")
+    out = a.out if a.out != RESULTS / "methods.md" else RESULTS / "methods_ttft.md"
+    out.write_text(text)
+    print(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="offline_suite")
@@ -73,8 +110,11 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--ttft-tokens", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS / "methods.md")
+    p.add_argument("--ttft-only", action="store_true", help="only the TTFT columns, to methods_ttft.md")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
+    if a.ttft_only:
+        return ttft_only(a, argv)
     task = [f"task={a.task}", f"task.context_length={a.context}", f"task.n_samples={a.samples}"]
     if a.task == "offline_suite":
         task.append(f"task.subtasks=[{','.join(a.subtasks)}]")
@@ -99,17 +139,7 @@ def main(argv: list[str] | None = None) -> str:
         rows[name] = {"experiment": name, "score": m["score"], "bytes_ratio": m["kv_bytes_fp16"] / m["kv_bytes"],
                       "kv_bytes": m["kv_bytes"], "extra": [*base, f"compressor.precision.keep_ratio={keep:.4f}"]}
         print(f"  {name:>15}: score {m['score']:.2f}  fp16/kv {rows[name]['bytes_ratio']:.2f}", file=sys.stderr)
-    model, tok, _ = load("full_cache")
-    qids = torch.tensor([tok(QUESTION, add_special_tokens=False)["input_ids"]])
-    # TTFT, interleaved
-    comps = {e: compressor(e) for e in BASE}
-    ids = wikitext_ids(tok, a.ttft_tokens)
-    ids = torch.cat([ids, qids], dim=1)
-    times: dict[str, list[float]] = {e: [] for e in BASE}
-    for r in range(a.repeats):
-        for e in BASE if r % 2 == 0 else BASE[::-1]:
-            times[e].append(timed_prefill(model, comps[e], ids, qids)[0])
-            print(f"  TTFT {a.ttft_tokens} {e:>15}: {times[e][-1]:.2f} s", file=sys.stderr)
+    times = ttft(a.ttft_tokens, a.repeats)
     full = rows["full_cache"]
     for e, r in rows.items():
         r["score_rel"] = r["score"] / full["score"] if full["score"] else None
