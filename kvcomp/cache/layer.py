@@ -151,11 +151,12 @@ class CompressedLayer(CacheLayerMixin):
             self.res_v = self.res_v[..., extra:, :].contiguous()
             self.res_pos = self.res_pos[extra:].clone()
             self.res_score = self.res_score[extra:].clone()
-        self.compress(k, v, pos, score)
+        self.compress(k, v, pos, score, decode)
 
-    def compress(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor) -> None:
+    def compress(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor,
+                 decode: bool = False) -> None:
         """Quantize ``[B, H, T, D]`` tokens at ``pos`` [T]; the owner's precision policy maps their
-        importance ``score`` [T] to bits per token (0 = drop)."""
+        importance ``score`` [T] to bits per token (0 = drop). ``decode``: a group of decoded tokens."""
         bits = self.owner.token_bits(self.layer_idx, score, pos)
         if bits is not None:
             keep = bits != 0
@@ -166,10 +167,12 @@ class CompressedLayer(CacheLayerMixin):
                 return
             if bool((bits == -1).all()):
                 bits = None
-        for seg in self.quantizer.compress(k, v, pos, self.state, bits):
+        for seg in self.quantizer.compress(k, v, pos, self.state, bits, decode=decode):
             self.k_blocks.append(seg.keys)
             self.v_blocks.append(seg.values)
             self.pos_blocks.append(pos if seg.index is None else pos[seg.index])
+        for i, (kb, vb) in self.quantizer.requantize(list(zip(self.k_blocks, self.v_blocks)), self.state).items():
+            self.k_blocks[i], self.v_blocks[i] = kb, vb
 
     # -- accounting ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
