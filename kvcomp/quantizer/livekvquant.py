@@ -19,9 +19,10 @@ keys per channel over the chunk (pre-RoPE), values per token in groups of ``valu
   token keep their own min/max inside the cut-off (a per-token group has no channel statistic).
 
 The first ``warmup_chunks`` prefill chunks of each layer build statistics and are stored in fp16; decode
-flush groups update the statistics but are never warm-up (neither stored in fp16 nor counted as a chunk). ``requantize_warmup``: once warm-up
-ends (the first chunk after it), the fp16 warm-up blocks are re-encoded at ``bits`` with the settled
-statistics, so the cache holds no fp16 tokens in the end. No token is ever dropped by this quantizer.
+flush groups update the statistics but are never warm-up (neither stored in fp16 nor counted as a chunk).
+``requantize_warmup``: once warm-up ends (the first chunk after it), the fp16 warm-up blocks are
+re-encoded at ``bits`` with the settled statistics, so the cache holds no fp16 tokens in the end (tokens a
+precision policy asked to keep at 16 bits during warm-up are re-encoded too). No token is ever dropped.
 """
 
 from __future__ import annotations
