@@ -62,13 +62,13 @@ def test_prompt_guided_terms_switch_off() -> None:
 
 @pytest.mark.parametrize(("u", "tier"), [(1.0, 8), (0.7, 8), (0.6999, 4), (0.3, 4), (0.2999, 2), (0.0, 2)])
 def test_tier_boundaries(u: float, tier: int) -> None:
-    p = Precision(mode="tiers", theta_h=0.7, theta_m=0.3, protect_sinks=0)
+    p = Precision(mode="tiers", theta_h=0.7, theta_m=0.3, protect_sinks=0, normalize="minmax")
     scores = torch.tensor([0.0, u, 1.0])  # min-max keeps u as is
     assert int(p(scores, torch.arange(100, 103))[1]) == tier
 
 
 def test_drop_low_budget_and_sinks() -> None:
-    p = Precision(mode="tiers", drop_low=True, protect_sinks=2)
+    p = Precision(mode="tiers", drop_low=True, protect_sinks=2, normalize="minmax")
     bits = p(torch.tensor([0.0, 0.0, 0.1, 1.0, 0.5]), torch.arange(5))
     assert bits.tolist() == [8, 8, 0, 8, 4]
     budget = Precision(mode="budget", keep_ratio=0.5, protect_sinks=0)

@@ -75,7 +75,7 @@ class CompressedCache(Cache):
         return s
 
     def token_bits(self, layer_idx: int, scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
-        return None if self.policy is None else self.policy(scores, pos, self.prompt_len)
+        return None if self.policy is None else self.policy(scores, pos, self.prompt_len, layer_idx, len(self.layers))
 
     # -- statistics --------------------------------------------------------------------------------
     @property

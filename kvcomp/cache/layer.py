@@ -21,8 +21,9 @@ from kvcomp.cache.storage import Dense, Stored, nbytes, numel
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
 
-#: policy(scores [T] (NaN = unscored), positions [T], prompt_len) -> token_bits [T] (0 drop, -1 default) or None
-PrecisionPolicy = Callable[[torch.Tensor, torch.Tensor, int], "torch.Tensor | None"]
+#: policy(scores [T] (NaN = unscored), positions [T], prompt_len, layer_idx, n_layers)
+#: -> token_bits [T] (0 drop, -1 default) or None
+PrecisionPolicy = Callable[[torch.Tensor, torch.Tensor, int, int, int], "torch.Tensor | None"]
 
 
 class CompressedLayer(CacheLayerMixin):

@@ -1,8 +1,20 @@
 """Dynamic precision: importance scores -> bits per token (or drop), when a chunk is stored.
 
-``mode=tiers``: scores of the chunk are normalised to [0, 1] (``normalize=minmax`` or ``rank``, the
-percentile), then ``s >= theta_h`` -> ``bits[0]`` (8), ``theta_m <= s < theta_h`` -> ``bits[1]`` (4),
-``s < theta_m`` -> ``bits[2]`` (2) or dropped when ``drop_low``. ``mode=budget``: keep the top
+``mode=tiers``: scores are mapped to u in [0, 1], then ``u >= theta_h`` -> ``bits[0]`` (8),
+``theta_m <= u < theta_h`` -> ``bits[1]`` (4), ``u < theta_m`` -> ``bits[2]`` (2) or dropped when
+``drop_low``. ``normalize`` says what u is:
+
+- ``global`` (default): u = the score's quantile among every score seen so far in the prompt in its layer
+  band (``bands`` equal bands of consecutive layers; 1 = all layers pooled), this chunk included. The
+  thresholds are running quantiles, so over the prompt about ``1 - theta_h`` of the tokens get 8 bits,
+  but a chunk's share follows its content: a filler chunk whose scores sit below the running
+  ``theta_m`` quantile is all 2-bit (or dropped), a needle chunk keeps its needle at 8 bits. With pooled
+  layers the layer weight w_l of a scorer acts across layers (a down-weighted layer gets fewer 8-bit
+  tokens); per-layer bands (``bands`` = L) cancel it. The first chunk has no history: it is ranked
+  against itself. Memory: the band's sorted scores, at most ``history`` (65536) floats per band.
+- ``minmax`` / ``rank`` (ablations): each chunk's and layer's scores alone, min-max rescaled or ranked;
+  every chunk then gets some 8-bit and some 2-bit tokens whatever it holds, and w_l cancels out.
+ ``mode=budget``: keep the top
 ``keep_ratio`` of each chunk (or ``keep_tokens`` of the prompt, as a ratio of the prompt length) at the
 quantizer's own width, drop the rest. ``mode=none``: every token at the quantizer's width.
 The first ``protect_sinks`` positions are never dropped and always get the highest width; tokens
@@ -19,6 +31,30 @@ from kvcomp.errors import ConfigError
 
 DEFAULT = -1  # "the quantizer's own width"
 MODES = ("none", "tiers", "budget")
+NORMALIZE = ("global", "minmax", "rank")
+
+
+class RunningScores:
+    """One prompt's scores so far, per layer band: a sorted 1-D tensor each (thinned by 2 past ``cap``)."""
+
+    def __init__(self, cap: int = 65536) -> None:
+        self.cap = cap
+        self.sorted: dict[int, torch.Tensor] = {}
+
+    def quantile(self, band: int, s: torch.Tensor) -> torch.Tensor:
+        """Add ``s`` [T] to ``band``, then return each score's quantile in it, [T] in [0, 1]: its rank over
+        (size - 1), ties sharing their mean rank (a lone chunk gets ``normalize=rank``'s values)."""
+        prev = self.sorted.get(band)
+        ref = torch.sort(s.float() if prev is None else torch.cat([prev, s.float().to(prev.device)])).values
+        if ref.numel() > self.cap:
+            ref = ref[ref.numel() % 2 :: 2]
+        self.sorted[band] = ref
+        ref = ref.contiguous()
+        lo = torch.searchsorted(ref, s.float().contiguous(), right=False)
+        hi = torch.searchsorted(ref, s.float().contiguous(), right=True)
+        if ref.numel() < 2:
+            return torch.ones_like(s, dtype=torch.float32)
+        return ((lo + hi - 1).float() / (2 * (ref.numel() - 1))).clamp(0, 1)
 
 
 @dataclass
@@ -30,7 +66,9 @@ class Precision:
     theta_m: float = 0.3
     bits: list[int] = field(default_factory=lambda: [8, 4, 2])
     drop_low: bool = False
-    normalize: str = "minmax"
+    normalize: str = "global"
+    bands: int = 1
+    history: int = 65536
     keep_ratio: float | None = 0.5
     keep_tokens: int | None = None
     protect_sinks: int = 4
@@ -43,8 +81,12 @@ class Precision:
                               f" theta_h={self.theta_h}")
         if len(self.bits) != 3 or any(b not in (2, 3, 4, 8, 16) for b in self.bits):
             raise ConfigError(f"compressor.precision.bits={list(self.bits)} must be 3 widths from 2, 3, 4, 8, 16")
-        if self.normalize not in ("minmax", "rank"):
-            raise ConfigError(f"compressor.precision.normalize={self.normalize}; allowed: minmax, rank")
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"compressor.precision.normalize={self.normalize}; allowed: {', '.join(NORMALIZE)}")
+        for key, low in (("bands", 1), ("history", 2)):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"compressor.precision.{key}={v} must be an integer >= {low}")
         if self.keep_ratio is not None and not 0.0 < float(self.keep_ratio) <= 1.0:
             raise ConfigError(f"compressor.precision.keep_ratio={self.keep_ratio} must be in (0, 1]")
         if self.keep_tokens is not None and (not isinstance(self.keep_tokens, int) or self.keep_tokens <= 0):
@@ -58,7 +100,18 @@ class Precision:
     def may_drop(self) -> bool:
         return self.mode == "budget" or (self.mode == "tiers" and self.drop_low)
 
-    def __call__(self, scores: torch.Tensor, positions: torch.Tensor, prompt_len: int = 0) -> torch.Tensor | None:
+    def for_prompt(self) -> PromptPolicy:
+        """This policy with fresh running statistics, for one prompt's cache."""
+        return PromptPolicy(self)
+
+    def band(self, layer_idx: int, n_layers: int) -> int:
+        """Layer band of ``layer_idx``: ``bands`` equal runs of consecutive layers."""
+        return min(self.bands - 1, layer_idx * self.bands // max(1, n_layers))
+
+    def __call__(self, scores: torch.Tensor, positions: torch.Tensor, prompt_len: int = 0, layer_idx: int = 0,
+                 n_layers: int = 1, stats: RunningScores | None = None) -> torch.Tensor | None:
+        """Widths [T] for scores [T] (NaN = unscored) of tokens at ``positions`` [T] of layer ``layer_idx``;
+        ``stats``: the prompt's running scores (``normalize=global``; without it the chunk is its own history)."""
         if self.mode == "none":
             return None
         bits = torch.full(scores.shape, DEFAULT, dtype=torch.int64, device=scores.device)
@@ -67,7 +120,10 @@ class Precision:
             return None
         s = scores[scored]
         if self.mode == "tiers":
-            u = self._normalise(s)
+            if self.normalize == "global":
+                u = (stats or RunningScores(self.history)).quantile(self.band(layer_idx, n_layers), s)
+            else:
+                u = self._normalise(s)
             low = 0 if self.drop_low else self.bits[2]
             tier = torch.where(u >= self.theta_h, self.bits[0], torch.where(u >= self.theta_m, self.bits[1], low))
         else:
@@ -87,3 +143,15 @@ class Precision:
             return torch.argsort(torch.argsort(s)).float() / max(1, s.numel() - 1)
         lo, hi = s.min(), s.max()
         return (s - lo) / (hi - lo) if hi > lo else torch.ones_like(s)
+
+
+class PromptPolicy:
+    """A ``Precision`` bound to one prompt's running statistics (what the cache calls for each flushed run)."""
+
+    def __init__(self, precision: Precision) -> None:
+        self.precision = precision
+        self.stats = RunningScores(precision.history)
+
+    def __call__(self, scores: torch.Tensor, positions: torch.Tensor, prompt_len: int = 0, layer_idx: int = 0,
+                 n_layers: int = 1) -> torch.Tensor | None:
+        return self.precision(scores, positions, prompt_len, layer_idx, n_layers, self.stats)

@@ -93,7 +93,7 @@ class Unified(Compressor):
             raise ConfigError("propagation drops tokens by importance; choose a scorer (scorer=prompt_guided, ...)")
 
     def new_cache(self, model: Any) -> CompressedCache:
-        return CompressedCache(model, self.quantizer, policy=self.policy if self.policy.active else None)
+        return CompressedCache(model, self.quantizer, policy=self.policy.for_prompt() if self.policy.active else None)
 
     @contextmanager
     def attach(self, model: Any, cache: Any, question_ids: Any = None) -> Iterator[None]:

@@ -15,7 +15,11 @@ chunk tokens i at absolute positions p_i, and a prompt of T tokens:
   i's pre-RoPE key (content without position, averaged over KV heads) and any question token's.
 
 Â and r are max-pooled over ``pool_kernel`` neighbouring tokens (as SnapKV does), so the tokens around a
-match (the value next to its key) share its score. Each term is switched off by a weight of 0. The
+match (the value next to its key) share its score. ``term_scale`` sets how Â and r are made comparable:
+``chunk`` min-max normalises each over the chunk (every chunk then has a token at 1, whatever it holds);
+``absolute`` keeps them on one scale across chunks, so a downstream global policy can tell a filler chunk
+from a needle chunk: Â = x / (1 + x) with x = attention x number of keys (1 = uniform attention -> 0.5),
+r = the cosine clamped to [0, 1]. Each term is switched off by a weight of 0. The
 weights need not sum to 1; scores are only ranked and normalised downstream.
 """
 
@@ -41,6 +45,7 @@ class PromptGuided(Scorer):
     layer_decay: float = 0.5
     pos_window: int = 64
     pool_kernel: int = 7
+    term_scale: str = "absolute"
     query_window: int = 0  # set from the question length at run time
     needs_question: bool = True
 
@@ -52,6 +57,8 @@ class PromptGuided(Scorer):
             raise ConfigError("scorer.alpha + scorer.beta + scorer.gamma must be > 0")
         if not isinstance(self.pool_kernel, int) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise ConfigError(f"scorer.pool_kernel={self.pool_kernel} must be an odd integer >= 1")
+        if self.term_scale not in ("chunk", "absolute"):
+            raise ConfigError(f"scorer.term_scale={self.term_scale}; allowed: chunk, absolute")
         if not 0 <= self.layer_decay <= 1:
             raise ConfigError(f"scorer.layer_decay={self.layer_decay} must be in [0, 1]")
 
@@ -61,7 +68,11 @@ class PromptGuided(Scorer):
         w = ctx.queries.shape[2] if ctx.queries is not None else 0
         if self.alpha and w:
             w_l = 1.0 - self.layer_decay * ctx.layer_idx / max(1, ctx.n_layers - 1)
-            s += self.alpha * w_l * minmax(pool1d(stored_attention(ctx), self.pool_kernel))
+            a = stored_attention(ctx)
+            if self.term_scale == "absolute":
+                x = a * ctx.keys.shape[-2]
+                a = x / (1 + x)
+            s += self.alpha * w_l * self._scale(pool1d(a, self.pool_kernel))
         if self.beta:
             p = ctx.positions[:n].float()
             last = float(max(ctx.prompt_len, int(ctx.positions[-1]) + 1) - 1)
@@ -70,5 +81,8 @@ class PromptGuided(Scorer):
         if self.gamma:
             k = torch.nn.functional.normalize(ctx.new_keys_pre.float().mean(dim=(0, 1)), dim=-1)  # [q, D]
             guide = k[n:] if k.shape[0] > n else k[-max(1, w):]
-            s += self.gamma * minmax(pool1d((k[:n] @ guide.T).amax(dim=-1), self.pool_kernel))
+            s += self.gamma * self._scale(pool1d((k[:n] @ guide.T).amax(dim=-1), self.pool_kernel))
         return s
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        return minmax(x) if self.term_scale == "chunk" else x.clamp(0, 1)
