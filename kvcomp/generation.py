@@ -57,6 +57,9 @@ def prefill(
         if step < t:
             release_memory(input_ids.device)
     assert last is not None, "empty input"
+    scoring = getattr(cache, "scoring", None)
+    if scoring is not None:  # the prompt has been read: a late (question: end) pass may re-tier the history
+        scoring.prompt_end(cache)
     return last
 
 

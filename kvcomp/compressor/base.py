@@ -30,6 +30,10 @@ class Compressor:
     def new_cache(self, model: Any) -> Any:
         raise NotImplementedError
 
+    def settings(self) -> dict[str, Any]:
+        """Run settings reported in metrics.json (e.g. when the question was known); none by default."""
+        return {}
+
     @contextmanager
     def attach(self, model: Any, cache: Any, question_ids: Any = None) -> Iterator[None]:
         """Install per-sequence hooks for the duration of the block (none in the base class)."""

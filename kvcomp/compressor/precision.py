@@ -44,12 +44,19 @@ class RunningScores:
     def quantile(self, band: int, s: torch.Tensor) -> torch.Tensor:
         """Add ``s`` [T] to ``band``, then return each score's quantile in it, [T] in [0, 1]: its rank over
         (size - 1), ties sharing their mean rank (a lone chunk gets ``normalize=rank``'s values)."""
+        self.add(band, s)
+        return self.rank(band, s)
+
+    def add(self, band: int, s: torch.Tensor) -> None:
         prev = self.sorted.get(band)
         ref = torch.sort(s.float() if prev is None else torch.cat([prev, s.float().to(prev.device)])).values
         if ref.numel() > self.cap:
             ref = ref[ref.numel() % 2 :: 2]
-        self.sorted[band] = ref
-        ref = ref.contiguous()
+        self.sorted[band] = ref.contiguous()
+
+    def rank(self, band: int, s: torch.Tensor) -> torch.Tensor:
+        """Quantiles [T] of ``s`` in ``band`` as it stands."""
+        ref = self.sorted[band]
         lo = torch.searchsorted(ref, s.float().contiguous(), right=False)
         hi = torch.searchsorted(ref, s.float().contiguous(), right=True)
         if ref.numel() < 2:
@@ -109,9 +116,11 @@ class Precision:
         return min(self.bands - 1, layer_idx * self.bands // max(1, n_layers))
 
     def __call__(self, scores: torch.Tensor, positions: torch.Tensor, prompt_len: int = 0, layer_idx: int = 0,
-                 n_layers: int = 1, stats: RunningScores | None = None) -> torch.Tensor | None:
+                 n_layers: int = 1, stats: RunningScores | None = None, drop: bool | None = None
+                 ) -> torch.Tensor | None:
         """Widths [T] for scores [T] (NaN = unscored) of tokens at ``positions`` [T] of layer ``layer_idx``;
-        ``stats``: the prompt's running scores (``normalize=global``; without it the chunk is its own history)."""
+        ``stats``: the prompt's running scores (``normalize=global``; without it the chunk is its own history);
+        ``drop``: override ``drop_low`` (false while a later pass decides the drops)."""
         if self.mode == "none":
             return None
         bits = torch.full(scores.shape, DEFAULT, dtype=torch.int64, device=scores.device)
@@ -124,8 +133,7 @@ class Precision:
                 u = (stats or RunningScores(self.history)).quantile(self.band(layer_idx, n_layers), s)
             else:
                 u = self._normalise(s)
-            low = 0 if self.drop_low else self.bits[2]
-            tier = torch.where(u >= self.theta_h, self.bits[0], torch.where(u >= self.theta_m, self.bits[1], low))
+            tier = self._tiers(u, drop)
         else:
             ratio = float(self.keep_ratio or 1.0)
             if self.keep_tokens is not None and prompt_len:
@@ -134,6 +142,18 @@ class Precision:
             tier = torch.zeros_like(s, dtype=torch.int64)
             tier[torch.topk(s, k).indices] = DEFAULT
         bits[scored] = tier.to(torch.int64)
+        return self._sinks(bits, positions)
+
+    def tier(self, u: torch.Tensor, positions: torch.Tensor, drop: bool | None = None) -> torch.Tensor:
+        """Widths [T] of tokens whose normalised scores are ``u`` [T] (``drop``: override ``drop_low``)."""
+        return self._sinks(self._tiers(u, drop), positions)
+
+    def _tiers(self, u: torch.Tensor, drop: bool | None) -> torch.Tensor:
+        low = 0 if (self.drop_low if drop is None else drop) else self.bits[2]
+        t = torch.where(u >= self.theta_h, self.bits[0], torch.where(u >= self.theta_m, self.bits[1], low))
+        return t.to(torch.int64)
+
+    def _sinks(self, bits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         sink = positions.to(bits.device) < self.protect_sinks
         top = DEFAULT if self.mode == "budget" else self.bits[0]
         return torch.where(sink, torch.full_like(bits, top), bits)
@@ -151,7 +171,9 @@ class PromptPolicy:
     def __init__(self, precision: Precision) -> None:
         self.precision = precision
         self.stats = RunningScores(precision.history)
+        self.defer_drops = False  # question: end -- a pass at the prompt's end decides the drops
 
     def __call__(self, scores: torch.Tensor, positions: torch.Tensor, prompt_len: int = 0, layer_idx: int = 0,
                  n_layers: int = 1) -> torch.Tensor | None:
-        return self.precision(scores, positions, prompt_len, layer_idx, n_layers, self.stats)
+        drop = False if self.defer_drops else None
+        return self.precision(scores, positions, prompt_len, layer_idx, n_layers, self.stats, drop)

@@ -20,6 +20,7 @@ import torch
 from kvcomp.cache import CompressedCache
 from kvcomp.compressor.base import Compressor
 from kvcomp.compressor.precision import Precision
+from kvcomp.compressor.timing import TIMINGS, prompt_end, say_once
 from kvcomp.errors import ConfigError
 from kvcomp.propagator.base import decoder_layers
 from kvcomp.registry import COMPRESSORS
@@ -37,6 +38,8 @@ class Scoring:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling = self.head_dim**-0.5
         self.queries: dict[int, torch.Tensor] = {}
+        self.last_queries: dict[int, torch.Tensor] = {}  # post-RoPE trailing queries of each layer's last forward
+        self.end_pass: Any = None  # question: end -- called once the prompt has been read
 
     def q_hook(self, layer_idx: int) -> Any:
         def hook(module: Any, args: tuple, out: torch.Tensor) -> None:
@@ -55,10 +58,16 @@ class Scoring:
             w = min(w, q)
             qh = raw[:, -w:].reshape(b, w, -1, self.head_dim).transpose(1, 2)
             queries = cache.rope.apply(qh, positions[-w:]) if cache.rope is not None else qh.float()
+            self.last_queries[layer_idx] = queries
         ctx = ScoreContext(layer_idx, self.n_layers, keys, pre, queries, positions, n_store,
                            keys.shape[-2] - q, self.scaling, int(getattr(cache, "prompt_len", 0)))
         s = self.scorer.score(ctx).float()
         return torch.nan_to_num(s, nan=0.0)
+
+    def prompt_end(self, cache: CompressedCache) -> None:
+        """The prompt has been read (prefill's last forward is done): run the end pass, if any."""
+        if self.end_pass is not None:
+            self.end_pass(cache, self)
 
 
 @COMPRESSORS.register("unified")
@@ -68,7 +77,7 @@ class Unified(Compressor):
 
     chunk_size: int = 512
     precision: dict[str, Any] = field(default_factory=dict)
-    guide_with_question: bool = True
+    question: str = "oracle"
     quantizer: Any = None
     propagator: Any = None
     scorer: Any = None
@@ -79,6 +88,8 @@ class Unified(Compressor):
             from kvcomp.quantizer.none import NoQuantizer
 
             self.quantizer = NoQuantizer()
+        if self.question not in TIMINGS:
+            raise ConfigError(f"compressor.question={self.question} is not a timing; allowed: {', '.join(TIMINGS)}")
         self.policy = Precision(**dict(self.precision or {}))
         has_scorer = self.scorer is not None and getattr(self.scorer, "registry_name", "") != "none"
         if not has_scorer:
@@ -95,19 +106,32 @@ class Unified(Compressor):
     def new_cache(self, model: Any) -> CompressedCache:
         return CompressedCache(model, self.quantizer, policy=self.policy.for_prompt() if self.policy.active else None)
 
+    def settings(self) -> dict[str, Any]:
+        """Run settings reported in metrics.json (information the method was given)."""
+        return {"question": self.question}
+
     @contextmanager
     def attach(self, model: Any, cache: Any, question_ids: Any = None) -> Iterator[None]:
         handles: list[Any] = []
+        if self.question == "none":
+            question_ids = None
         q_len = 0 if question_ids is None else int(question_ids.shape[-1])
         cache.question_len = q_len
         if self.scorer is not None:
+            needs = self.scorer.needs_question
+            if needs and question_ids is None:
+                say_once(f"scorer={self.scorer.registry_name} needs a question and got none (compressor.question="
+                         f"{self.question}): each chunk is scored by its own last 32 queries instead")
             window = self.scorer.query_window or (q_len if q_len else 32)
             cache.scoring = Scoring(self.scorer, model, window)
             if window != 0:
                 for i, layer in enumerate(decoder_layers(model)):
                     handles.append(layer.self_attn.q_proj.register_forward_hook(cache.scoring.q_hook(i)))
-            if self.scorer.needs_question and self.guide_with_question and question_ids is not None:
+            if needs and self.question == "oracle" and question_ids is not None:
                 cache.guide_ids = question_ids
+            if needs and self.question == "end" and question_ids is not None and self.policy.mode == "tiers":
+                cache.policy.defer_drops = True
+                cache.scoring.end_pass = lambda c, scoring: prompt_end(c, scoring, self.policy)
         if self.propagator is not None:
             handles += self.propagator.install(model, cache, fix_masks=self.policy.may_drop)
         try:

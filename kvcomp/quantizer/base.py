@@ -91,6 +91,11 @@ class Quantizer:
     ) -> list[Segment]:
         """Store ``[B, H, T, D]`` keys/values; return segments covering all T tokens."""
         self.observe(keys, values, state)
+        return self.store(keys, values, positions, state, token_bits)
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, state: dict[str, Any],
+              token_bits: torch.Tensor | None = None) -> list[Segment]:
+        """``compress`` without updating the statistics (re-encoding tokens already observed)."""
         t = keys.shape[-2]
         kb, vb = self.widths(state)
         kbits = torch.full((t,), kb, dtype=torch.int64, device=keys.device)

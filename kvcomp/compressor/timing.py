@@ -1,0 +1,64 @@
+"""When a prompt-guided scorer learns the question: ``compressor.question`` (reported in metrics.json).
+
+- ``oracle``: the question is known before the prompt is read (Finch-style): it is appended to every
+  non-final prefill chunk, so every chunk is scored by the question's queries. Information a streaming
+  prompt does not have; the upper bound.
+- ``end``: the question is known only when the prompt ends. Chunks are scored without it (the trailing
+  queries of each chunk, as many as the question has tokens, stand in for it) and the policy's drops are
+  deferred (the low tier is stored at ``bits[2]``). When the prompt has been read, ``prompt_end`` re-scores
+  every layer's held history with the question's queries of the last forward (the prompt ends with the
+  question), maps those scores to tiers with fresh global quantiles per layer band, and demotes or drops
+  tokens to them: a token ends at min(its streaming width, its question-aware width); none is promoted.
+- ``none``: no question at all; a scorer that needs one scores each chunk by its own last 32 queries.
+
+A scorer that needs a question and gets none (``none``, or no question for the sample) says so once in
+the log. Only ``mode: tiers`` has an end pass; ``mode: budget`` under ``end`` keeps its streaming choice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from kvcomp.cache.rewrite import demote, held_positions
+from kvcomp.compressor.precision import Precision, RunningScores
+from kvcomp.scorer.base import ScoreContext
+
+log = logging.getLogger(__name__)
+TIMINGS = ("oracle", "end", "none")
+_said: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """Log ``message`` once per process (a per-sample warning would flood a 1000-sample run)."""
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
+
+
+def prompt_end(cache: Any, scoring: Any, policy: Precision) -> dict[int, int]:
+    """The question-aware pass of ``question: end`` over every layer of ``cache``; returns tokens dropped per
+    layer. Scores come from the scorer itself, called with the held history as the stored tokens and the
+    last forward's trailing queries (the question) as its queries."""
+    stats, scores, positions = RunningScores(policy.history), {}, {}
+    n_layers = len(cache.layers)
+    for i, layer in enumerate(cache.layers):
+        queries = scoring.last_queries.get(i)
+        if queries is None or layer.held() == 0:
+            continue
+        keys, _ = layer.materialize()
+        pos = held_positions(layer).to(keys.device).long()
+        pre = cache.rope.invert(keys, pos) if cache.rope is not None else keys
+        ctx = ScoreContext(i, n_layers, keys, pre, queries, pos, int(pos.numel()), 0, scoring.scaling,
+                           int(getattr(cache, "prompt_len", 0)))
+        scores[i] = torch.nan_to_num(scoring.scorer.score(ctx).float(), nan=0.0)
+        positions[i] = pos
+        stats.add(policy.band(i, n_layers), scores[i])
+    dropped = {}
+    for i, s in scores.items():
+        u = stats.rank(policy.band(i, n_layers), s)
+        bits = policy.tier(u, positions[i])
+        dropped[i] = demote(cache.layers[i], bits)
+    return dropped
