@@ -118,14 +118,15 @@ def count_layer_inputs(model) -> tuple[list[int], list]:
 def test_dropped_tokens_never_reach_later_layers(tiny) -> None:
     model, _ = tiny
     ids = torch.randint(3, 250, (1, 200), generator=torch.Generator().manual_seed(3))
-    comp = unified("snapkv", propagation="layer_ratio", chunk=0, keep_last=0)
+    comp = unified("snapkv", propagation="layer_ratio", chunk=0, keep_last=0, budget="chunk")
     cache = comp.new_cache(model)
     with comp.attach(model, cache):
         seen, hooks = count_layer_inputs(model)  # registered after ours: sees the sliced kwargs
         prefill(model, cache, ids)
     for h in hooks:
         h.remove()
-    # 4 layers: early band = layer 0 (keeps 80 % after it), middle = 1-2 (60 %), late = 3 (40 %)
+    # 4 layers: ratios 0.8, 0.8, 0.6, 0.4 (early = layers 0-1 as 1 < 0.3 * 4) apply to what leaves a layer:
+    # shares 1, 0.8, 0.8, 0.6 (propagator.layer_shares); the last layer's 0.4 never applies
     assert seen == [200, 160, 160, 120]
     held = [layer.held() for layer in cache.layers]
     assert held == seen  # later layers cache only the propagated tokens

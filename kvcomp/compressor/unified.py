@@ -50,6 +50,9 @@ class Scoring:
     def score(self, cache: CompressedCache, layer_idx: int, keys: torch.Tensor, new_keys: torch.Tensor,
               positions: torch.Tensor, n_store: int) -> torch.Tensor:
         q = new_keys.shape[-2]
+        if n_store == 0:  # only an appended question reached this layer (propagation stopped the chunk)
+            self.queries.pop(layer_idx, None)
+            return torch.zeros(0, device=new_keys.device)
         pre = cache.rope.invert(new_keys, positions) if cache.rope is not None else new_keys
         raw = self.queries.pop(layer_idx, None)  # [B, W, H_q * D] pre-RoPE
         queries = None

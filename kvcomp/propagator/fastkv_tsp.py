@@ -23,6 +23,7 @@ class FastKVTSP(Propagator):
     tsp_rate: float = 0.2
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 < float(self.tsp_rate) <= 1.0:
             raise ConfigError(f"propagation.tsp_rate={self.tsp_rate} must be in (0, 1]")
         if self.tsp_layer is not None and (not isinstance(self.tsp_layer, int) or self.tsp_layer < 0):

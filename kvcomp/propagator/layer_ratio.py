@@ -26,6 +26,7 @@ class LayerRatio(Propagator):
     late_frac: float = 0.3
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for key in ("early", "middle", "late", "early_frac", "late_frac"):
             v = getattr(self, key)
             if not isinstance(v, int | float) or not 0.0 <= float(v) <= 1.0:
