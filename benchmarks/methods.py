@@ -25,10 +25,12 @@ from typing import Any
 import torch
 
 from benchmarks.common import compose, header, load, median, table, timed_prefill, wikitext_ids
+from benchmarks.rows_issue17 import ROWS as ISSUE17_ROWS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION = "What is the main topic of the text above? Answer in one sentence."
-VARIANTS = {"prompt_guided, propagation=none": ["propagation=none"]}
+VARIANTS = {"prompt_guided, propagation=none": ["propagation=none"],
+            **{name: extra for name, (_, extra) in ISSUE17_ROWS.items()}}
 BASE = ["full_cache", "kvquant_stream", "prompt_guided", "snapkv", "h2o", "streaming_llm", "fastkv"]
 
 
