@@ -66,6 +66,7 @@ def test_end_pass_demotes_or_drops_and_never_promotes(tiny, monkeypatch) -> None
     def spy(c, scoring, policy):
         before.update({i: widths(layer) for i, layer in enumerate(c.layers)})
         assert c.get_compression_stats()["tokens_dropped"] == 0  # drops were deferred while streaming
+        assert min(w for layer in before.values() for w in layer.values()) == 4  # held at hold_bits, at least
         return real(c, scoring, policy)
 
     monkeypatch.setattr("kvcomp.compressor.unified.prompt_end", spy)
@@ -79,6 +80,7 @@ def test_end_pass_demotes_or_drops_and_never_promotes(tiny, monkeypatch) -> None
         assert all(after[p] <= before[i][p] for p in after)  # no promotion
         dropped += len(before[i]) - len(after)
         assert any(after[p] < before[i][p] for p in after) or len(after) < len(before[i])
+        assert min(after.values()) == 2 or len(after) < len(before[i])  # demoted below the hold width
     assert dropped == cache.get_compression_stats()["tokens_dropped"] > 0
     assert all(p in widths(layer) for layer in cache.layers for p in range(4))  # sinks kept
 

@@ -17,6 +17,8 @@
  ``mode=budget``: keep the top
 ``keep_ratio`` of each chunk (or ``keep_tokens`` of the prompt, as a ratio of the prompt length) at the
 quantizer's own width, drop the rest. ``mode=none``: every token at the quantizer's width.
+``hold_bits`` (``compressor.question: end`` only): before the question is known no token is stored below
+this width and none is dropped; the question-aware pass at the prompt's end demotes them to their tiers.
 The first ``protect_sinks`` positions are never dropped and always get the highest width; tokens
 without a score (decode) get the quantizer's width. Widths: 2/3/4/8 packed, 16 = fp16, -1 = quantizer's.
 """
@@ -79,6 +81,7 @@ class Precision:
     keep_ratio: float | None = 0.5
     keep_tokens: int | None = None
     protect_sinks: int = 4
+    hold_bits: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -90,6 +93,8 @@ class Precision:
             raise ConfigError(f"compressor.precision.bits={list(self.bits)} must be 3 widths from 2, 3, 4, 8, 16")
         if self.normalize not in NORMALIZE:
             raise ConfigError(f"compressor.precision.normalize={self.normalize}; allowed: {', '.join(NORMALIZE)}")
+        if self.hold_bits not in (2, 3, 4, 8, 16):
+            raise ConfigError(f"compressor.precision.hold_bits={self.hold_bits} must be one of 2, 3, 4, 8, 16")
         for key, low in (("bands", 1), ("history", 2)):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
@@ -175,5 +180,10 @@ class PromptPolicy:
 
     def __call__(self, scores: torch.Tensor, positions: torch.Tensor, prompt_len: int = 0, layer_idx: int = 0,
                  n_layers: int = 1) -> torch.Tensor | None:
-        drop = False if self.defer_drops else None
-        return self.precision(scores, positions, prompt_len, layer_idx, n_layers, self.stats, drop)
+        if not self.defer_drops:
+            return self.precision(scores, positions, prompt_len, layer_idx, n_layers, self.stats)
+        bits = self.precision(scores, positions, prompt_len, layer_idx, n_layers, self.stats, drop=False)
+        if bits is None or self.precision.mode != "tiers":
+            return bits
+        hold = self.precision.hold_bits  # before the question: no token below this width (demoted at the end)
+        return torch.where(bits > 0, bits.clamp(min=hold), bits)
