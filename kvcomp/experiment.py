@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from kvcomp.engine import Engine
 from kvcomp.envinfo import env_info
 from kvcomp.errors import ConfigError
+from kvcomp.fields import bind
 from kvcomp.model import ModelConfig, load_model
 from kvcomp.registry import COMPRESSORS, LOGGERS, PROPAGATORS, QUANTIZERS, SCORERS, TASKS
 
@@ -69,7 +70,7 @@ def build_parts(cfg: DictConfig | dict[str, Any]) -> Parts:
     compressor = COMPRESSORS.build(c["compressor"], "compressor", **parts)
     task = TASKS.build(c["task"], "task")
     logger = LOGGERS.build(c.get("logger") or {"name": "none"}, "logger")
-    return Parts(ModelConfig(**c["model"]), compressor, task, logger)
+    return Parts(bind(ModelConfig, c["model"], "model"), compressor, task, logger)
 
 
 def _accepts(ccfg: dict[str, Any]) -> set[str]:

@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvcomp.errors import ConfigError
-
 
 @dataclass
 class Sample:
@@ -57,22 +55,3 @@ class Task:
         """Write extra files (plots) into the run dir; returns name -> path (logged as images)."""
         return {}
 
-
-def positive(key: str, value: Any, allow_zero: bool = False) -> None:
-    """Raise ConfigError unless ``value`` is a positive integer (or 0 when allowed)."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value > 0 or (allow_zero and value == 0))
-    if not ok:
-        raise ConfigError(f"{key}={value} must be an integer {'>= 0' if allow_zero else '> 0'}")
-
-
-def fraction(key: str, value: Any) -> None:
-    if not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
-        raise ConfigError(f"{key}={value} must be a number in [0, 1]")
-
-
-def fractions(key: str, values: Any) -> None:
-    """Raise ConfigError unless ``values`` is a non-empty list of numbers in [0, 1]."""
-    if not isinstance(values, list | tuple) or not values:
-        raise ConfigError(f"{key} must be a non-empty list of numbers in [0, 1]")
-    for v in values:
-        fraction(key, v)
