@@ -26,6 +26,7 @@ from kvcomp.envinfo import env_info
 from kvcomp.errors import ConfigError
 from kvcomp.fields import bind
 from kvcomp.model import ModelConfig, load_model
+from kvcomp.preflight import check_context, check_settings
 from kvcomp.registry import COMPRESSORS, LOGGERS, PROPAGATORS, QUANTIZERS, SCORERS, TASKS
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,10 @@ def aggregate(task: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
 def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) -> dict[str, Any]:
     """Run one experiment; returns metrics (``score`` 0-100, perf and cache numbers)."""
     c = to_dict(cfg)
+    check_settings(c)
     parts = build_parts(c)
-    seed_everything(int(c.get("seed", 0)))
+    check_context(c, parts.model, parts.task)  # still before any model or data loads
+    seed_everything(c.get("seed", 0))
     out = Path(output_dir) if output_dir is not None else None
     name = str(c.get("exp_name", "run"))
     model, tok = load_model(parts.model)

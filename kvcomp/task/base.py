@@ -51,7 +51,22 @@ class Task:
         n = len(records)
         return {"score": round(100.0 * sum(r["score"] for r in records) / n, 2) if n else 0.0}
 
+    def positions_needed(self) -> tuple[int, str] | None:
+        """The longest prompt plus generation this task will ask of a model, in positions, and the config
+        keys that make it up (``"task.context_length=1500 + task.max_new_tokens=12"``), known before any
+        model or data loads; None if the task cannot tell. Checked against ``max_position_embeddings``."""
+        return span(("task.context_length", getattr(self, "context_length", None)),
+                    ("task.max_new_tokens", getattr(self, "max_new_tokens", None)))
+
     def artifacts(self, records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
         """Write extra files (plots) into the run dir; returns name -> path (logged as images)."""
         return {}
+
+
+def span(*parts: tuple[str, int | None]) -> tuple[int, str] | None:
+    """Sum of ``(key, value)`` parts and the words for it; None if the first part is unknown."""
+    if not parts or parts[0][1] is None:
+        return None
+    given = [(k, v) for k, v in parts if v is not None]
+    return sum(v for _, v in given), " + ".join(f"{k}={v}" for k, v in given)
 

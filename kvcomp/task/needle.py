@@ -16,7 +16,7 @@ from typing import Any
 
 from kvcomp.fields import param
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task
+from kvcomp.task.base import Sample, Task, span
 from kvcomp.task.haystack import haystack
 from kvcomp.task.prompting import encode_prompt, encode_question
 
@@ -79,6 +79,10 @@ class Needle(Task):
     max_new_tokens: int = param(12, gt=0)
     seed: int = param(0, ge=0)
     chat: bool = True
+
+    def positions_needed(self) -> tuple[int, str] | None:
+        longest = max(self.context_lengths)
+        return span(("max(task.context_lengths)", longest), ("task.max_new_tokens", self.max_new_tokens))
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         rng = random.Random(self.seed)

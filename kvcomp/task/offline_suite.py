@@ -43,6 +43,9 @@ class OfflineSuite(Task):
         }
         self.tasks: dict[str, Task] = {s: built[s] for s in dict.fromkeys(self.subtasks)}
 
+    def positions_needed(self) -> tuple[int, str] | None:
+        return max((t.positions_needed() for t in self.tasks.values()), key=lambda p: p[0] if p else -1)
+
     def samples(self, tokenizer: Any) -> list[Sample]:
         out = []
         for name, task in self.tasks.items():

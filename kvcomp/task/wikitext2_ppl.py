@@ -22,7 +22,7 @@ from kvcomp.fields import param
 from kvcomp.generation import Generation, prefill
 from kvcomp.profiler import MemoryProfiler, Timer
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task
+from kvcomp.task.base import Sample, Task, span
 
 SOURCES = ("bundled", "hub")
 
@@ -52,6 +52,9 @@ class WikiText2PPL(Task):
     seq_len: int = param(1024, ge=2)
     max_windows: int = param(64, ge=0)
     source: str = param("bundled", choices=SOURCES)
+
+    def positions_needed(self) -> tuple[int, str] | None:
+        return span(("task.seq_len", self.seq_len))
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         ids = _token_ids(tokenizer, self.source)

@@ -18,7 +18,7 @@ from typing import Any
 
 from kvcomp.fields import param
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task
+from kvcomp.task.base import Sample, Task, span
 from kvcomp.task.longbench.data import check_local, load_rows
 from kvcomp.task.longbench.metrics import (
     DATASET_METRIC,
@@ -98,6 +98,10 @@ class LongBench(Task):
         body = middle_truncate(body, self.max_length)
         ids = wrap_prompt(tokenizer, body, self.chat and dataset not in NO_CHAT_TEMPLATE)
         return ids, encode_question(tokenizer, question_of(dataset, row))
+
+    def positions_needed(self) -> tuple[int, str] | None:
+        new = max(dataset2maxlen[d] for d in self.datasets)
+        return span(("task.max_length", self.max_length), ("the longest LongBench answer (max_new_tokens)", new))
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         """One sample per row; samsum also stops at a newline (pred.py's eos_token_id for it)."""
