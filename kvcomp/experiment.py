@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from kvcomp import interrupt
 from kvcomp.engine import Engine
 from kvcomp.envinfo import env_info
 from kvcomp.errors import ConfigError
@@ -98,7 +99,16 @@ def seed_everything(seed: int) -> None:
 def evaluate(engine: Engine, task: Any, samples: list[Any], desc: str) -> list[dict[str, Any]]:
     """Run and score every sample (progress bar); returns predictions.jsonl records."""
     bar = tqdm(samples, desc=desc, unit="sample", leave=False, mininterval=0.1 if sys.stderr.isatty() else 15)
-    return [task.run_sample(engine, s) for s in bar]
+    log.info("%s: %d samples (SIGTERM or Ctrl-C stops after the current one, keeping those done)", desc, len(samples))
+    records: list[dict[str, Any]] = []
+    try:
+        for s in bar:
+            interrupt.check()
+            records.append(task.run_sample(engine, s))
+    except interrupt.Interrupted as e:
+        e.records, e.total, e.stage = records, len(samples), desc
+        raise
+    return records
 
 
 def aggregate(task: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -139,7 +149,7 @@ def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) 
     name = str(c.get("exp_name", "run"))
     model, tok = load_model(parts.model)
     parts.logger.start(c, out, name)
-    ok = False
+    ok, records, stop = False, [], interrupt.install()
     try:
         engine = Engine(model, tok, parts.compressor)
         samples = parts.task.samples(tok)
@@ -158,7 +168,12 @@ def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) 
             parts.logger.log_table("per_layer", metrics["per_layer"])
         ok = True
         return metrics
+    except interrupt.Interrupted as e:  # predictions so far + status.json; no metrics.json
+        if out is not None:
+            interrupt.mark(out, e, records or e.records, env_info(next(model.parameters()).device))
+        raise
     finally:
+        stop()
         parts.logger.finish(ok)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,35 @@ def test_compare_baseline_adds_full_cache_numbers() -> None:
     assert m["ttft_speedup"] == pytest.approx(m["baseline_ttft_s"] / m["ttft_s"])
     assert m["quality_retention"] is None if full["score"] == 0 else m["quality_retention"] == pytest.approx(
         m["score"] / full["score"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_interrupted_run_says_so(tmp_path: Path, sig: signal.Signals) -> None:
+    """A real run gets the signal mid-run: it stops after the current sample, keeps predictions so far and a
+    status.json marker, writes no metrics.json, exits 128 + signal; the report counts it incomplete."""
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    args = ["model=tiny_llama", "task.context_length=300", "task.n_samples=400", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen([sys.executable, "-m", "runners.run", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in proc.stdout:  # Hydra's console log: the line comes once the signal handlers are in place
+            if "samples (SIGTERM or Ctrl-C" in line:
+                break
+        time.sleep(3)  # some samples done, most not
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert "Traceback" not in err and f"interrupted ({sig.name}) after" in err
+    status = json.loads((out / "status.json").read_text())
+    preds = (out / "predictions.jsonl").read_text().splitlines()
+    assert status["status"] == "interrupted" and status["signal"] == sig.name
+    assert 0 < status["samples_done"] == len(preds) < status["samples_total"] == 400
+    assert json.loads(preds[-1])["id"] == f"passkey-{len(preds) - 1}"  # whole samples, in order
+    assert not (out / "metrics.json").exists()
+    from kvcomp.sweep.report import collect
+
+    (run,) = collect(out, progress=False)
+    assert run.status == "incomplete" and run.error.startswith(f"interrupted ({sig.name}) after")
