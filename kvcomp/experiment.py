@@ -188,6 +188,7 @@ def _baseline(model: Any, tok: Any, task: Any, samples: list[Any], m: dict[str, 
         "memory_savings_vs_baseline": 1 - m["kv_bytes"] / b["kv_bytes"] if b.get("kv_bytes") else None,
         "baseline_ttft_s": b.get("ttft_s"),
         "baseline_kv_bytes": b.get("kv_bytes"),
+        "baseline_kv_bytes_fp16": b.get("kv_bytes_fp16"),
         "baseline_peak_rss_bytes": b.get("peak_rss_bytes"),
     }
     rows = [("score", b["score"], m["score"]), ("ttft_s", b.get("ttft_s"), m.get("ttft_s")),

@@ -16,9 +16,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from kvcomp.errors import KvcompError, unknown_choice
 from kvcomp.interrupt import Interrupted, describe
+from kvcomp.sidebyside import method_label, side_by_side
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "compressor", "quantizer", "propagation", "scorer", "task", "logger", "experiment")
@@ -63,6 +65,8 @@ def main(cfg: DictConfig) -> float | list[float] | None:
         if hc.mode == RunMode.MULTIRUN:
             return _failed(out, e)  # recorded; the sweep goes on (Optuna tells the trial FAIL)
         _discard(out)
+        if isinstance(e, OmegaConfBaseException):  # e.g. an interpolation naming a key that is not there
+            e = KvcompError(str(e).splitlines()[0] + (f" (in {e.full_key})" if getattr(e, "full_key", None) else ""))
         if not isinstance(e, KvcompError):
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -70,6 +74,8 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     except BaseException:
         _discard(out)
         raise
+    if "baseline_score" in metrics:  # compare_baseline=true: the method next to the full cache
+        print(side_by_side(metrics, method_label(cfg)))
     print(f"run dir: {out}\nscore: {metrics.get('score')}  objective: {metrics['objective']}")
     return metrics["objective"]
 

@@ -41,6 +41,11 @@ def test_tiny_end_to_end(tmp_path: Path) -> None:
     env = json.loads((out / "env.json").read_text())
     assert env["versions"]["torch"] and env["device"] == "cpu" and "torch_threads" in env
     assert (out / ".hydra" / "config.yaml").exists()
+    assert m["baseline_score"] is not None and m["memory_savings"] > 0.5  # the demo compresses (tiny heads: 16 dims)
+    table = r.stdout[r.stdout.index("x fewer bytes than fp16") - 200:]
+    for row in ("kvquant_stream", "full cache", "score (0-100, n=3)", "KV cache held (MiB)", "TTFT (s, mean)",
+                "peak RSS in prefill (MiB)", f"run dir: {out}"):
+        assert row in table, r.stdout[-3000:]
 
 
 def test_same_seed_same_metrics(tmp_path: Path) -> None:
@@ -66,6 +71,7 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     (["model=tiny_llama", "task.context_length=1.5"], "error: task.context_length=1.5 must be an integer > 0"),
     (["+experiment=kvquant_stream", "quantizer.ema_decay=1"], "quantizer.ema_decay=1 must be a number in [0, 1)"),
     (["task.context_length=200000"], "200012 positions exceed model=smollm2_135m's max_position_embeddings=8192"),
+    (["model=tiny_llama", "+experiment=kvquant_stream", "quantizer=none"], "'quantizer.chunk_size' not found"),
 ])
 def test_bad_overrides_fail_cleanly(tmp_path: Path, args: list[str], needle: str) -> None:
     if "cuda" in " ".join(args):
@@ -133,3 +139,21 @@ def test_interrupted_run_says_so(tmp_path: Path, sig: signal.Signals) -> None:
 
     (run,) = collect(out, progress=False)
     assert run.status == "incomplete" and run.error.startswith(f"interrupted ({sig.name}) after")
+
+
+def test_side_by_side_table() -> None:
+    from kvcomp.sidebyside import method_label, side_by_side
+
+    mib = 2**20
+    m = {"n_samples": 3, "score": 100.0, "baseline_score": 66.7, "kv_bytes": 4 * mib, "kv_bytes_fp16": 14 * mib,
+         "baseline_kv_bytes": 28 * mib, "baseline_kv_bytes_fp16": 14 * mib, "ttft_s": 1.5, "baseline_ttft_s": 2.0,
+         "peak_rss_bytes": 1000 * mib}
+    lines = side_by_side(m, "kvquant_stream").splitlines()
+    assert lines[0].split() == ["kvquant_stream", "full", "cache"]
+    assert lines[1].split()[-2:] == ["100.0", "66.7"] and lines[2].split()[-2:] == ["4.00", "28.00"]
+    assert lines[3].split()[-2:] == ["3.50x", "0.50x"] and lines[4].split()[-2:] == ["0.71", "-1.00"]
+    assert lines[5].split()[-2:] == ["1.50", "2.00"] and lines[6].split()[-2:] == ["1000", "-"]  # not measured: -
+    assert method_label({"scorer": {"name": "none"}, "quantizer": {"name": "kvquant_stream"},
+                         "propagation": {"name": "none"}}) == "kvquant_stream"
+    assert method_label({"scorer": {"name": "snapkv"}, "quantizer": {"name": "none"},
+                         "propagation": {"name": "fastkv_tsp"}}) == "snapkv+fastkv_tsp"
