@@ -84,5 +84,6 @@ def describe(out: Path) -> str:
     if not path.exists():
         return ""
     s = json.loads(path.read_text(encoding="utf-8"))
-    stage = f" of the {s['stage']} pass" if s.get("stage") == "baseline" else ""
-    return f"interrupted ({s.get('signal')}) after {s.get('samples_done')} of {s.get('samples_total')} samples{stage}"
+    where = " in the full-cache baseline pass" if s.get("stage") == "baseline" else ""
+    return (f"interrupted ({s.get('signal')}){where} after {s.get('samples_done')} of {s.get('samples_total')} "
+            "samples")
