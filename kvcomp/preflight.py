@@ -56,7 +56,10 @@ def max_positions(cfg: ModelConfig) -> int | None:
     """The model's ``max_position_embeddings`` from its config (no weights read); None if unknown here."""
     if cfg.source == "random":
         if "max_position_embeddings" in cfg.random:  # conf/model/tiny_llama.yaml states it
-            return int(cfg.random["max_position_embeddings"])
+            n = cfg.random["max_position_embeddings"]
+            if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+                raise ConfigError(f"model.random.max_position_embeddings={n} must be an integer > 0")
+            return n
         from kvcomp.model.tiny import tiny_llama
 
         return int(inspect.signature(tiny_llama).parameters["max_position_embeddings"].default)
