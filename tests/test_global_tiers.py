@@ -7,6 +7,7 @@ import torch
 
 from kvcomp.compressor.precision import Precision, RunningScores
 from kvcomp.errors import ConfigError
+from kvcomp.fields import bind
 from kvcomp.registry import SCORERS
 from kvcomp.scorer.base import ScoreContext
 
@@ -76,10 +77,10 @@ def test_band_map_and_running_quantiles() -> None:
         assert bool(((u >= 0) & (u <= 1)).all())
     assert r.sorted[0].numel() <= 100  # thinned, bounded memory
     assert torch.equal(r.sorted[0], r.sorted[0].sort().values)
-    with pytest.raises(ConfigError, match="normalize=zscore; allowed: global, minmax, rank"):
-        Precision(mode="tiers", normalize="zscore")
-    with pytest.raises(ConfigError, match="bands=0"):
-        Precision(mode="tiers", bands=0)
+    with pytest.raises(ConfigError, match="precision.normalize=zscore is not one of: global, minmax, rank"):
+        bind(Precision, {"mode": "tiers", "normalize": "zscore"}, "compressor.precision")
+    with pytest.raises(ConfigError, match="precision.bands=0 must be"):
+        bind(Precision, {"mode": "tiers", "bands": 0}, "compressor.precision")
 
 
 def context(needle: bool, d: int = 16, n: int = 64) -> ScoreContext:

@@ -22,7 +22,7 @@ def test_layer_share_map() -> None:
     tsp = PROPAGATORS.build({"name": "fastkv_tsp", "tsp_rate": 0.2})
     assert tsp.layer_shares(30) == [1.0] * 16 + [0.2] * 14  # selection after layer 15 (the middle)
     assert PROPAGATORS.build({"name": "none"}).layer_shares(3) == [1.0, 1.0, 1.0]
-    with pytest.raises(ConfigError, match="propagation.budget=layer .*allowed: prompt, chunk"):
+    with pytest.raises(ConfigError, match="budget=layer is not one of: prompt, chunk"):
         PROPAGATORS.build({"name": "layer_ratio", "budget": "layer"})
 
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from kvcomp.cache import CompressedCache
 from kvcomp.compressor.base import Compressor
 from kvcomp.compressor.precision import Precision
-from kvcomp.compressor.timing import TIMINGS, prompt_end, say_once
+from kvcomp.compressor.timing import prompt_end, say_once
 from kvcomp.errors import ConfigError
+from kvcomp.fields import bind
 from kvcomp.propagator.base import decoder_layers
 from kvcomp.registry import COMPRESSORS
 from kvcomp.scorer.base import ScoreContext
@@ -80,20 +81,17 @@ class Unified(Compressor):
 
     chunk_size: int = 512
     precision: dict[str, Any] = field(default_factory=dict)
-    question: str = "oracle"
+    question: Literal["oracle", "end", "none"] = "oracle"
     quantizer: Any = None
     propagator: Any = None
     scorer: Any = None
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.quantizer is None:
             from kvcomp.quantizer.none import NoQuantizer
 
             self.quantizer = NoQuantizer()
-        if self.question not in TIMINGS:
-            raise ConfigError(f"compressor.question={self.question} is not a timing; allowed: {', '.join(TIMINGS)}")
-        self.policy = Precision(**dict(self.precision or {}))
+        self.policy = bind(Precision, self.precision, "compressor.precision")
         has_scorer = self.scorer is not None and getattr(self.scorer, "registry_name", "") != "none"
         if not has_scorer:
             self.scorer = None

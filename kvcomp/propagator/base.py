@@ -30,14 +30,13 @@ mostly stop (a chunk never carries more than its own tokens; the first chunk is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from kvcomp.compressor.precision import RunningScores
 from kvcomp.errors import ConfigError
-
-BUDGETS = ("prompt", "chunk")
+from kvcomp.fields import param
 
 
 def decoder_layers(model: Any) -> Any:
@@ -74,12 +73,8 @@ class _Forward:
 class Propagator:
     """Base: propagates every token (``ratio`` 1); subclasses give a schedule. ``keep_last``: tail always kept."""
 
-    keep_last: int = 32
-    budget: str = "prompt"
-
-    def __post_init__(self) -> None:
-        if self.budget not in BUDGETS:
-            raise ConfigError(f"propagation.budget={self.budget} is not a budget; allowed: {', '.join(BUDGETS)}")
+    keep_last: int = param(32, ge=0)
+    budget: Literal["prompt", "chunk"] = "prompt"
 
     def ratio(self, layer_idx: int, n_layers: int) -> float:
         return 1.0
