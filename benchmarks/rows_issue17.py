@@ -21,6 +21,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "prompt_guided, question=end, normalize=minmax": (PG, ["compressor.question=end",
                                                             "compressor.precision.normalize=minmax",
                                                             "scorer.term_scale=chunk"]),
+    "prompt_guided, pool_kernel=21": (PG, ["scorer.pool_kernel=21"]),
+    "prompt_guided, question=end, pool_kernel=21": (PG, ["compressor.question=end", "scorer.pool_kernel=21"]),
     "prompt_guided, propagation budget=chunk": (PG, ["propagation.budget=chunk"]),
     "prompt_guided, question=end, propagation budget=chunk": (PG, ["compressor.question=end",
                                                                     "propagation.budget=chunk"]),
