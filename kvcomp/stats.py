@@ -29,8 +29,9 @@ def _binary(x: np.ndarray) -> bool:
     return bool(np.all((x == 0.0) | (x == 1.0)))
 
 
-def interval(values: Sequence[float], seed: int = 0, scale: float = 1.0) -> dict[str, Any]:
-    """Mean of ``values`` (times ``scale``) with its 95 % interval; Wilson for 0/1 values, else bootstrap."""
+def interval(values: Sequence[float], seed: int = 0, scale: float = 1.0, rate: bool = True) -> dict[str, Any]:
+    """Mean of ``values`` (times ``scale``) with its 95 % interval: Wilson when ``rate`` and every value is 0 or 1
+    (an exact-match rate), else a percentile bootstrap over the values."""
     from scipy import stats
 
     x = np.asarray([float(v) for v in values if v is not None and not math.isnan(float(v))], dtype=np.float64)
@@ -38,7 +39,7 @@ def interval(values: Sequence[float], seed: int = 0, scale: float = 1.0) -> dict
     if n == 0:
         return {"mean": None, "low": None, "high": None, "n": 0, "method": "none"}
     mean = float(x.mean())
-    if _binary(x):
+    if rate and _binary(x):
         ci = stats.binomtest(int(x.sum()), n).proportion_ci(confidence_level=LEVEL, method="wilson")
         low, high, method = float(ci.low), float(ci.high), "wilson"
     elif n < 2 or float(x.max() - x.min()) == 0.0:
@@ -55,9 +56,7 @@ def paired(a: Sequence[float], b: Sequence[float], seed: int = 0, scale: float =
     """``mean(a - b)`` over pairs (both present) with a bootstrap interval over samples; ``significant`` when
     the interval excludes 0."""
     d = [float(x) - float(y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
-    r = interval(d, seed, scale) if d else interval([], seed)
-    if r["method"] == "wilson":  # differences of 0/1 rates are -1/0/1: bootstrap them, never Wilson
-        r = _bootstrap(d, seed, scale)
+    r = _bootstrap(d, seed, scale) if d else interval([], seed)
     r["significant"] = r["n"] > 0 and not (r["low"] <= 0.0 <= r["high"])
     return r
 
@@ -97,7 +96,8 @@ def run_intervals(records: list[dict[str, Any]], seed: int = 0) -> dict[str, Any
             vals = [r[key] for r in rs if r.get(key) is not None]
             if not vals:
                 continue
-            iv = interval(vals, seed, 100.0 if key in PERCENT_KEYS else 1.0)
+            pct = key in PERCENT_KEYS
+            iv = interval(vals, seed, 100.0 if pct else 1.0, rate=pct)
             ci[key + suffix] = iv
             if key in FIDELITY_KEYS:
                 flat[key + suffix] = iv["mean"]
