@@ -25,6 +25,7 @@ on the other three its full-cache score is 0, so a ratio to it says nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import compose, header, load, median, table, timed_prefill, wikitext_ids
-from benchmarks.quality import ci_cell, diff_cell, pair, run_row, verdict
+from benchmarks.quality import ci_cell, diff_cell, pair, run_row, slug, verdict
 from kvcomp.stats import half_width
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--runs", type=Path, default=Path("outputs/bench_methods"),
                    help="one run dir per row (metrics.json + predictions.jsonl); finished rows are read back")
     p.add_argument("--fresh", action="store_true", help="rerun rows whose run dir already finished")
+    p.add_argument("--only-finished", action="store_true", help="table of the rows already finished, run nothing")
     p.add_argument("--out", type=Path, default=RESULTS / "methods.md")
     p.add_argument("--ttft-only", action="store_true", help="only the TTFT columns, to methods_ttft.md")
     p.add_argument("--model", nargs="*", default=[], help="extra overrides of every quality row (model=tiny_llama)")
@@ -147,19 +149,27 @@ def main(argv: list[str] | None = None) -> str:
 
     wanted = a.rows or [*ROWS, *EQ_PEERS]
     rows: dict[str, dict[str, Any]] = {}
-    for name, (exp, extra) in ROWS.items():
-        if name in wanted:
-            rows[name] = row(name, exp, extra, task(a.samples), a)
-    # equal-bytes peers: same quantizer as prompt_guided, keep ratio calibrated to its kv_bytes (on a few samples)
+    skipped = []
     q = compose(["+experiment=prompt_guided"]).quantizer.name
-    for peer in EQ_PEERS:
-        if peer not in wanted:
+    for name in wanted:  # in the order given: the most informative rows first when time is short
+        if a.only_finished and not (a.runs / slug(name) / "metrics.json").exists():
+            skipped.append(name)
             continue
-        base = [f"quantizer={q}", "compressor.chunk_size=512", *a.model]
-        calib = task(a.calib_samples, fidelity=False)
-        keep, _ = match_keep(peer.split("@")[0], base, calib, score("prompt_guided", calib, [])["kv_bytes"])
-        rows[peer] = row(peer, peer.split("@")[0], [*base, f"compressor.precision.keep_ratio={keep:.4f}"],
-                         task(a.samples), a)
+        if name in ROWS:
+            exp, extra = ROWS[name]
+        elif name in EQ_PEERS:  # same quantizer as prompt_guided, keep ratio calibrated to its kv_bytes
+            exp = name.split("@")[0]
+            done = a.runs / slug(name) / "overrides.json"
+            if done.exists() and not a.fresh:
+                extra = [o for o in json.loads(done.read_text()) if o.startswith(("quantizer=", "compressor."))]
+            else:
+                base = [f"quantizer={q}", "compressor.chunk_size=512"]
+                calib = task(a.calib_samples, fidelity=False)
+                keep, _ = match_keep(exp, base, calib, score("prompt_guided", calib, [])["kv_bytes"])
+                extra = [*base, f"compressor.precision.keep_ratio={keep:.4f}"]
+        else:
+            raise SystemExit(f"error: --rows {name} is not one of: {', '.join([*ROWS, *EQ_PEERS])}")
+        rows[name] = row(name, exp, extra, task(a.samples), a)
     if "full_cache" not in rows or "prompt_guided" not in rows:
         print(f"rows {', '.join(rows)} done in {a.runs}; rerun with all rows to write the table", file=sys.stderr)
         return ""
@@ -170,7 +180,7 @@ def main(argv: list[str] | None = None) -> str:
         if e in times:
             r["ttft_s"] = median(times[e])
             r["ttft_rel"] = r["ttft_s"] / median(times["full_cache"])
-    text = render(rows, a, argv, time.time() - t_start)
+    text = render(rows, a, argv, time.time() - t_start, skipped)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(text)
     print(text)
@@ -187,7 +197,8 @@ def row(name: str, exp: str, extra: list[str], task: list[str], a: argparse.Name
     return r
 
 
-def render(rows: dict[str, dict[str, Any]], a: argparse.Namespace, argv: list[str] | None, wall_s: float) -> str:
+def render(rows: dict[str, dict[str, Any]], a: argparse.Namespace, argv: list[str] | None, wall_s: float,
+           skipped: list[str]) -> str:
     """The markdown: settings, the table (``value ± half-width (n)``, paired differences vs the full cache),
     paired differences between rows, and the goals."""
     full = rows["full_cache"]
@@ -251,7 +262,8 @@ def render(rows: dict[str, dict[str, Any]], a: argparse.Namespace, argv: list[st
     return (header("Importance-based compression vs full cache", ["benchmarks.methods", *(argv or sys.argv[1:])])
             + f"- settings: {settings}{ttft}\n"
             + f"- full-cache log-probs: {hits} hit(s), {misses} miss(es) over all rows; wall time per row (min, "
-            f"1 thread, 2 shared cores): {walls}; whole benchmark {wall_s / 60:.1f} min\n\n"
+            f"1 thread, 2 shared cores): {walls}; whole benchmark {wall_s / 60:.1f} min\n"
+            + (f"- not run (out of time): {', '.join(skipped)}\n" if skipped else "") + "\n"
             + "\n".join(lines) + "\n\nPaired differences between rows (same samples):\n\n" + "\n".join(between)
             + "\n\nGoals (issues 6 and 16):\n" + "\n".join(goals) + "\n")
 
