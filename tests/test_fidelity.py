@@ -127,3 +127,20 @@ def test_smollm2_int8_is_faithful_kvquant_stream_less(smollm2, tmp_path: Path) -
     assert store.misses == 2 and store.hits == 2
     assert max(kl["int8"]) < 1e-3
     assert all(q > i for q, i in zip(kl["kvquant_stream"], kl["int8"]))
+
+
+def test_peers_report_states_each_equal_bytes_pair_with_its_interval(tmp_path: Path) -> None:
+    from benchmarks.peers_report import write_report
+
+    def row(name: str, system: str, kv: float, hits: int) -> dict:
+        return {"name": name, "system": system, "env": "main", "length": 4096, "score": 100 * hits / 30,
+                "kv_bytes": kv, "kv_bytes_ppl": kv, "ppl": 30.0, "peak_rss_bytes": 1e8, "ttft_s": 1.0,
+                "predictions": {}, "versions": {}, "sample_scores": {f"p{i}": float(i < hits) for i in range(30)}}
+
+    write_report([row("kvpress SnapKV 0.5", "kvpress", 2e8, 25), row("kvcomp a", "kvcomp", 2.01e8, 10),
+                  row("kvcomp b", "kvcomp", 2.02e8, 24), row("kvcomp c", "kvcomp", 1e8, 30)], tmp_path, "# t\n")
+    text = (tmp_path / "peers.md").read_text()
+    assert "| 33.3 ± 16.0 (30) |" in text
+    assert "kvcomp a − kvpress SnapKV 0.5 = -50.0 [" in text and "kvcomp worse" in text
+    assert "kvcomp b − kvpress SnapKV 0.5 = -3.3 [" in text and "kvcomp indistinguishable" in text
+    assert "kvcomp c −" not in text  # not at equal bytes
