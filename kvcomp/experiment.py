@@ -26,7 +26,7 @@ from kvcomp.envinfo import env_info
 from kvcomp.errors import ConfigError
 from kvcomp.model import ModelConfig, load_model
 from kvcomp.registry import COMPRESSORS, LOGGERS, PROPAGATORS, QUANTIZERS, SCORERS, TASKS
-from kvcomp.stats import paired_vs_baseline, run_intervals
+from kvcomp.stats import FIDELITY_KEYS, paired_vs_baseline, run_intervals
 
 log = logging.getLogger(__name__)
 MEAN_KEYS = ("ttft_s", "decode_s", "tokens_per_s", "avg_rss_bytes", "kv_bytes", "kv_bytes_fp16",
@@ -69,6 +69,11 @@ def build_parts(cfg: DictConfig | dict[str, Any]) -> Parts:
     parts = {k: v for k, v in parts.items() if k in _accepts(c["compressor"])}
     compressor = COMPRESSORS.build(c["compressor"], "compressor", **parts)
     task = TASKS.build(c["task"], "task")
+    spec = c.get("objective", "score")
+    wanted = [str(x) for x in (spec if isinstance(spec, list | tuple) else [spec])]
+    if not getattr(task, "fidelity", False) and any(w in FIDELITY_KEYS for w in wanted):
+        raise ConfigError(f"objective={spec} is a fidelity metric; set task.fidelity=true (or use a "
+                          "hpo/*_fidelity preset)")
     logger = LOGGERS.build(c.get("logger") or {"name": "none"}, "logger")
     return Parts(ModelConfig(**c["model"]), compressor, task, logger)
 

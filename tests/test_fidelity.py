@@ -144,3 +144,12 @@ def test_peers_report_states_each_equal_bytes_pair_with_its_interval(tmp_path: P
     assert "kvcomp a − kvpress SnapKV 0.5 = -50.0 [" in text and "kvcomp worse" in text
     assert "kvcomp b − kvpress SnapKV 0.5 = -3.3 [" in text and "kvcomp indistinguishable" in text
     assert "kvcomp c −" not in text  # not at equal bytes
+
+
+def test_fidelity_objective_without_fidelity_fails_before_the_model_loads() -> None:
+    from kvcomp.errors import ConfigError
+    from kvcomp.experiment import build_parts
+
+    with pytest.raises(ConfigError, match="task.fidelity=true"):
+        build_parts(compose(["model=tiny_llama", "objective=[kl_full,kv_bytes]"]))
+    assert build_parts(compose(["model=tiny_llama", "objective=kl_full", "task.fidelity=true"])).task.fidelity
