@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 from kvcomp.cache import cache_stats
-from kvcomp.errors import ConfigError
+from kvcomp.fields import param
 from kvcomp.generation import Generation, prefill
 from kvcomp.profiler import MemoryProfiler, Timer
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task, positive
+from kvcomp.task.base import Sample, Task, span
 
 SOURCES = ("bundled", "hub")
 MODES = ("ppl", "continuation")
@@ -55,22 +55,16 @@ def _token_ids(tokenizer: Any, source: str) -> tuple[int, ...]:
 class WikiText2PPL(Task):
     """``seq_len`` tokens per window, first ``max_windows`` windows (0 = all)."""
 
-    seq_len: int = 1024
-    max_windows: int = 64
-    source: str = "bundled"
-    mode: str = "ppl"
-    continuation_tokens: int = 32
+    seq_len: int = param(1024, ge=2)
+    max_windows: int = param(64, ge=0)
+    source: str = param("bundled", choices=SOURCES)
+    mode: str = param("ppl", choices=MODES)
+    continuation_tokens: int = param(32, ge=1)
 
-    def __post_init__(self) -> None:
-        positive("task.seq_len", self.seq_len)
-        positive("task.max_windows", self.max_windows, allow_zero=True)
-        if self.seq_len < 2:
-            raise ConfigError(f"task.seq_len={self.seq_len} must be >= 2")
-        if self.source not in SOURCES:
-            raise ConfigError(f"task.source={self.source} is not one of: {', '.join(SOURCES)}")
-        if self.mode not in MODES:
-            raise ConfigError(f"task.mode={self.mode} is not one of: {', '.join(MODES)}")
-        positive("task.continuation_tokens", self.continuation_tokens)
+    def positions_needed(self) -> tuple[int, str] | None:
+        if self.mode == "continuation":
+            return span(("task.seq_len", self.seq_len), ("task.continuation_tokens", self.continuation_tokens))
+        return span(("task.seq_len", self.seq_len))
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         ids = _token_ids(tokenizer, self.source)
