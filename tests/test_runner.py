@@ -153,6 +153,12 @@ def test_side_by_side_table() -> None:
     assert lines[1].split()[-2:] == ["100.0", "66.7"] and lines[2].split()[-2:] == ["4.00", "28.00"]
     assert lines[3].split()[-2:] == ["3.50x", "0.50x"] and lines[4].split()[-2:] == ["0.71", "-1.00"]
     assert lines[5].split()[-2:] == ["1.50", "2.00"] and lines[6].split()[-2:] == ["1000", "-"]  # not measured: -
+    iv = {"mean": 100.0, "low": 43.9, "high": 100.0, "n": 3}
+    m |= {"ci": {"score": iv}, "baseline_ci": {"score": iv | {"mean": 66.7, "low": 20.8}},
+          "diff_vs_baseline": {"score": {"mean": 33.3, "low": 0.0, "high": 100.0, "significant": False}}}
+    lines = side_by_side(m, "kvquant_stream").splitlines()
+    assert lines[2].split()[-4:] == ["[43.9,", "100.0]", "[20.8,", "100.0]"]
+    assert lines[3].split()[-4:] == ["+33.3", "[0.0,", "100.0]", "tie"] and "x fewer" in lines[5]
     assert method_label({"scorer": {"name": "none"}, "quantizer": {"name": "kvquant_stream"},
                          "propagation": {"name": "none"}}) == "kvquant_stream"
     assert method_label({"scorer": {"name": "snapkv"}, "quantizer": {"name": "none"},
