@@ -21,24 +21,10 @@ from typing import Any
 
 import torch
 
-from kvcomp.errors import ConfigError
+from kvcomp.masks import layer_mask
+from kvcomp.model.arch import decoder_layers, windows
 
-
-def decoder_layers(model: Any) -> Any:
-    """The decoder layer list of a transformers causal LM (``model.model.layers`` for LLaMA-likes)."""
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ConfigError(f"{type(model).__name__} has no model.layers; propagation/scoring needs a decoder LM")
-    return layers
-
-
-def layer_mask(held: int, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bool mask ``[1, 1, q, held + q]``: all history visible, new tokens causal by absolute position."""
-    q = positions.numel()
-    hist = torch.ones(q, held, dtype=torch.bool, device=positions.device)
-    causal = positions[None, :] <= positions[:, None]
-    return torch.cat([hist, causal], dim=1)[None, None]
+__all__ = ["Propagator", "decoder_layers"]
 
 
 class _Forward:
@@ -70,38 +56,37 @@ class Propagator:
         layers = decoder_layers(model)
         n = len(layers)
         active = self.active(n)
-        impl = str(getattr(model.config, "_attn_implementation", None) or "")
-        if (active or fix_masks) and impl.startswith("flash"):
-            raise ConfigError(f"model.attn_implementation={impl} takes no per-layer masks; propagation and token "
-                              "drops need sdpa or eager (model.attn_implementation=sdpa)")
         if not (active or fix_masks):
             return []
+        impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
+        win = windows(model)
         fw = _Forward()
         handles = []
         for i, layer in enumerate(layers):
-            handles.append(layer.register_forward_pre_hook(self._pre(i, cache, fw), with_kwargs=True))
+            handles.append(layer.register_forward_pre_hook(self._pre(i, cache, fw, win[i], impl), with_kwargs=True))
             if active and i < n - 1:
                 handles.append(layer.register_forward_hook(self._post(i, n, cache, fw)))
         return handles
 
-    def _pre(self, i: int, cache: Any, fw: _Forward) -> Any:
+    def _pre(self, i: int, cache: Any, fw: _Forward, window: int | None, impl: str) -> Any:
         def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             h = args[0] if args else kwargs["hidden_states"]
             t = h.shape[1]
             if i == 0:
                 fw.index, fw.positions, fw.acc, fw.layers = None, None, None, 0
                 fw.n_cand0 = t - self._protected(cache, t)
-            if t == 1:  # decode: everything visible; a mask sized for layer 0 may not fit this layer
-                kwargs["attention_mask"] = None
-                return args, kwargs
-            pos_ids = kwargs["position_ids"]
-            if fw.index is not None:
+            pos_ids = kwargs.get("position_ids")
+            if pos_ids is None:
+                pos_ids = torch.arange(cache.layers[0].seen, cache.layers[0].seen + t, device=h.device)[None]
+            if fw.index is not None and t > 1:
                 cos, sin = kwargs["position_embeddings"]
                 kwargs["position_embeddings"] = (cos[:, fw.index], sin[:, fw.index])
                 kwargs["position_ids"] = pos_ids = pos_ids[:, fw.index]
                 cache.pending_positions[i] = pos_ids[0]
-            held = cache.layers[i].held()
-            kwargs["attention_mask"] = layer_mask(held, pos_ids[0], h.dtype)
+            # this layer's own keys: its held (possibly sparse) history, then the new tokens, by absolute position
+            q_pos = pos_ids[0]
+            k_pos = torch.cat([cache.layers[i].held_positions().to(q_pos.device), q_pos])
+            kwargs["attention_mask"] = layer_mask(k_pos, q_pos, window, impl, h.dtype)
             return args, kwargs
 
         return hook
