@@ -163,8 +163,8 @@ def ropes(model: Any) -> list[Any] | None:
     from kvcomp.cache.rope import Rope
 
     rotary, fn = find_rotary(model), rope_fn(model)
-    if rotary is None or fn is None:
-        return None
+    if rotary is None or (fn is None and isinstance(model, torch.nn.Module)):
+        return None  # (a stand-in that is no nn.Module, e.g. the kernels' self-check, gets split-half RoPE)
     per_type = "layer_type" in inspect.signature(rotary.forward).parameters
     types = layer_types(model)
     made: dict[str | None, Rope] = {}

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from kvcomp.errors import ConfigError
 from kvcomp.masks import layer_mask
-from kvcomp.model.arch import decoder_layers, windows
+from kvcomp.model.arch import MASK_IMPLS, decoder_layers, windows
 
 __all__ = ["Propagator", "decoder_layers"]
 
@@ -59,6 +60,9 @@ class Propagator:
         if not (active or fix_masks):
             return []
         impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
+        if impl not in MASK_IMPLS:
+            raise ConfigError(f"model.attn_implementation={impl} takes no per-layer masks; propagation and token "
+                              "drops need sdpa or eager (model.attn_implementation=sdpa)")
         win = windows(model)
         fw = _Forward()
         handles = []
