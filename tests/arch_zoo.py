@@ -48,6 +48,9 @@ ZOO: dict[str, Callable[[], Any]] = {
         "attn_logit_softcapping": None})),
     "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**BASE)),
     "cohere": lambda: tf.CohereForCausalLM(tf.CohereConfig(**{**BASE, "use_qk_norm": False})),
+    "phi": lambda: tf.PhiForCausalLM(tf.PhiConfig(**{**BASE, "partial_rotary_factor": 0.5})),
+    "stablelm": lambda: tf.StableLmForCausalLM(tf.StableLmConfig(**{
+        **BASE, "qk_layernorm": True, "partial_rotary_factor": 0.25})),
     "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**{
         **{k: v for k, v in BASE.items() if k != "num_key_value_heads"}, "rotary_pct": 0.5})),
 }

@@ -38,6 +38,10 @@ def find_rotary(model: Any) -> Any | None:
     return find(model)
 
 
+def sin_like(cos: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(cos)
+
+
 class Rope:
     """cos/sin (fp32, ``[T, rotary_dim]``) for arbitrary absolute positions, memoised for the last two queries,
     and the model's rotation applied or inverted with them.
@@ -52,6 +56,9 @@ class Rope:
         self.fn = fn
         self.layer_type = layer_type
         self.limit = limit
+        #: True when ``fn`` takes only the rotary channels and the attention splits off the rest (Phi, StableLM):
+        #: the first ``rotary_dim`` channels are rotated, the others pass (decided by ``self_check``)
+        self.split_outside = False
         self._memo: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (positions, cos, sin)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +86,10 @@ class Rope:
         x = x.float()
         if self.fn is None:
             return rotate(x, cos, sin)
+        r = cos.shape[-1]
+        if self.split_outside and r < x.shape[-1]:
+            rot = self.fn(x[:, :1, :, :r], x[..., :r], cos[None], sin[None])[1].float()
+            return torch.cat([rot, x[..., r:]], dim=-1)
         return self.fn(x[:, :1], x, cos[None], sin[None])[1].float()
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -99,6 +110,11 @@ class Rope:
         cos, _ = self.cos_sin(pos.to(device))
         d = dim or int(cos.shape[-1])
         x = torch.randn(1, 2, pos.numel(), d, generator=torch.Generator().manual_seed(0)).to(device)
+        if self.fn is not None and cos.shape[-1] < d:  # partial rotary: does fn split the channels itself?
+            try:
+                self.fn(x[:, :1], x, cos[None], sin_like(cos)[None])
+            except RuntimeError:
+                self.split_outside = True
         try:
             y = self.apply(x, pos.to(device))
             back = self.invert(y, pos.to(device))

@@ -3,8 +3,9 @@
 - ``decoder_layers``: the decoder layer list (``model.layers``, ``gpt_neox.layers``, ``transformer.h``...): the
   ``ModuleList`` under the base model whose length is the config's layer count;
 - ``attention``: each layer's attention module (``self_attn``, ``attention``, ``attn``, ``self_attention``);
-- ``query_source``: the module whose output is the attention's queries before RoPE (``q_norm`` when the
-  model normalises queries, else ``q_proj``, or the query slice of a fused ``qkv_proj`` / ``query_key_value``);
+- ``query_source``: the module whose output is the attention's queries before RoPE (``q_norm`` /
+  ``q_layernorm`` when the model normalises queries, else ``q_proj``, or the query slice of a fused
+  ``qkv_proj`` / ``query_key_value``);
 - ``windows``: each layer's sliding window (``config.layer_types`` + ``sliding_window``), None = full;
 - ``ropes``: one :class:`~kvcomp.cache.rope.Rope` per layer (per layer type when the rotary module takes one),
   using the model's own ``apply_rotary_pos_emb`` (split-half, interleaved, partial: whatever the model does);
@@ -23,6 +24,7 @@ import torch
 from kvcomp.errors import ConfigError
 
 ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention")
+Q_NORMS = ("q_norm", "q_layernorm", "query_layernorm")  # norms applied to the queries only (Qwen3, StableLM...)
 MASK_IMPLS = ("sdpa", "eager")  # implementations that read the 4-D masks kvcomp rebuilds
 SLIDING_TYPES = ("sliding_attention",)
 FULL_TYPES = ("full_attention",)
@@ -99,8 +101,9 @@ def query_source(model: Any, attn: Any) -> tuple[torch.nn.Module, Any]:
     """(module, select): a forward hook on ``module`` sees ``(inp, out)``; ``select(inp, out)`` is the pre-RoPE
     queries ``[B, T, H_q * D]`` attention uses (after any query norm)."""
     hq, hkv, d = _heads(model, attn)
-    if isinstance(getattr(attn, "q_norm", None), torch.nn.Module):
-        return attn.q_norm, _normed
+    for nm in Q_NORMS:
+        if isinstance(getattr(attn, nm, None), torch.nn.Module):
+            return getattr(attn, nm), _normed
     if isinstance(getattr(attn, "q_proj", None), torch.nn.Module):
         return attn.q_proj, lambda inp, out: out
     fused = getattr(attn, "qkv_proj", None)
@@ -167,11 +170,16 @@ def ropes(model: Any) -> list[Any] | None:
         return None  # (a stand-in that is no nn.Module, e.g. the kernels' self-check, gets split-half RoPE)
     per_type = "layer_type" in inspect.signature(rotary.forward).parameters
     types = layer_types(model)
+    try:
+        d: int | None = _heads(model, attention(model, decoder_layers(model)[0]))[2]
+    except ConfigError:
+        d = None
     made: dict[str | None, Rope] = {}
     for t in types:
         key = t if per_type else None
         if key not in made:
             made[key] = Rope(rotary, fn, key, seq_limit(model, rotary, key))
+            made[key].self_check(_name(model), d)  # an exact round trip, or a ConfigError
     return [made[t if per_type else None] for t in types]
 
 
@@ -198,9 +206,6 @@ def check(model: Any, needs: Needs) -> None:
     if needs.pre_rope and rp is None:
         raise ConfigError(f"{cls}: {needs.method} stores keys before RoPE, but kvcomp finds no rotary_emb module "
                           "with an apply_rotary_pos_emb it can invert; set quantizer.pre_rope=false")
-    if rp is not None:
-        for r in {id(r): r for r in rp}.values():
-            r.self_check(cls)
     if not (needs.queries or needs.masks or needs.slicing):
         return
     layers = decoder_layers(model)
