@@ -208,3 +208,20 @@ def test_cli_refuses_like_the_api(tmp_path: Path) -> None:
     assert len(errors) == 1 and errors[0].startswith("error: GPT2LMHeadModel") and "pre_rope=false" in errors[0]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_scorer_attention_respects_the_sliding_window() -> None:
+    """The scorers' own attention masks what the model's sliding-window layer masks (history by position)."""
+    from kvcomp.scorer.base import ScoreContext
+
+    g = torch.Generator().manual_seed(0)
+    keys, queries = torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 4, 4, 8, generator=g)
+    hist = torch.tensor([0, 3, 7, 15, 18, 19, 22, 23, 24, 25], dtype=torch.int32)  # sparse: some were dropped
+    ctx = ScoreContext(0, 2, keys, keys[..., 10:, :], queries, torch.arange(26, 46), 20, 10, 8**-0.5,
+                       key_positions=hist, window=12)
+    a = ctx.attention()  # queries at positions 42..45
+    k_pos = torch.cat([hist.long(), torch.arange(26, 46)])
+    q_pos = torch.arange(42, 46)
+    seen = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - 12)
+    assert bool((a[0, :, ~seen] == 0).all()) and torch.allclose(a.sum(-1), torch.ones(1, 4, 4))
+    assert bool((a[0][:, seen] > 0).all())

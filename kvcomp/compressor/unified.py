@@ -37,6 +37,7 @@ class Scoring:
         #: per layer: the attention's own softmax scale (Gemma: query_pre_attn_scalar), else 1/sqrt(head_dim)
         self.scalings = [getattr(a, "scaling", None) for a in attns]
         self.sources = [arch.query_source(model, a) for a in attns]
+        self.windows = arch.windows(model)
         self.queries: dict[int, torch.Tensor] = {}
 
     def q_hook(self, layer_idx: int) -> Any:
@@ -62,7 +63,8 @@ class Scoring:
             queries = rope.apply(qh, positions[-w:]) if rope is not None else qh.float()
         scaling = self.scalings[layer_idx] or d**-0.5
         ctx = ScoreContext(layer_idx, self.n_layers, keys, pre, queries, positions, n_store,
-                           keys.shape[-2] - q, scaling, int(getattr(cache, "prompt_len", 0)))
+                           keys.shape[-2] - q, scaling, int(getattr(cache, "prompt_len", 0)),
+                           cache.layers[layer_idx].held_positions(), self.windows[layer_idx])
         s = self.scorer.score(ctx).float()
         return torch.nan_to_num(s, nan=0.0)
 
