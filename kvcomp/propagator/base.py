@@ -28,6 +28,22 @@ from kvcomp.model.arch import MASK_IMPLS, decoder_layers, windows
 __all__ = ["Propagator", "decoder_layers"]
 
 
+_SLICED = ("hidden_states", "attention_mask", "position_ids", "position_embeddings")
+
+
+def _slice_kwargs(kwargs: dict, index: torch.Tensor, pos_ids: torch.Tensor, t0: int, layer: int) -> None:
+    """Cut a decoder layer's per-token inputs to the propagated tokens ``index``; refuse ones it cannot cut."""
+    pe = kwargs.get("position_embeddings")
+    if pe is not None:
+        kwargs["position_embeddings"] = tuple(x[:, index] for x in pe)
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = pos_ids
+    for k, v in kwargs.items():
+        if k not in _SLICED and isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == t0:
+            raise ConfigError(f"propagation cannot carry the per-token input {k!r} of decoder layer {layer}; "
+                              "use propagation=none with this model")
+
+
 class _Forward:
     """Per-forward bookkeeping: indices (into the forward's tokens) of those still carried."""
 
@@ -77,15 +93,16 @@ class Propagator:
             h = args[0] if args else kwargs["hidden_states"]
             t = h.shape[1]
             if i == 0:
-                fw.index, fw.positions, fw.acc, fw.layers = None, None, None, 0
+                fw.index, fw.acc, fw.layers = None, None, 0
                 fw.n_cand0 = t - self._protected(cache, t)
-            pos_ids = kwargs.get("position_ids")
-            if pos_ids is None:
-                pos_ids = torch.arange(cache.layers[0].seen, cache.layers[0].seen + t, device=h.device)[None]
+                fw.positions = kwargs.get("position_ids")  # [B, T] of the whole forward
+                if fw.positions is None:
+                    seen = cache.get_seq_length()
+                    fw.positions = torch.arange(seen, seen + t, device=h.device)[None]
+            pos_ids = fw.positions
             if fw.index is not None and t > 1:
-                cos, sin = kwargs["position_embeddings"]
-                kwargs["position_embeddings"] = (cos[:, fw.index], sin[:, fw.index])
-                kwargs["position_ids"] = pos_ids = pos_ids[:, fw.index]
+                pos_ids = pos_ids[:, fw.index]
+                _slice_kwargs(kwargs, fw.index, pos_ids, fw.positions.shape[1], i)
                 cache.pending_positions[i] = pos_ids[0]
             # this layer's own keys: its held (possibly sparse) history, then the new tokens, by absolute position
             q_pos = pos_ids[0]
