@@ -211,7 +211,6 @@ class CompressedRun:
         self._stats = cache_stats(cache)
         return out
 
-
     def _check_generate(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> int:
         """Refuse what kvcomp's cache cannot do exactly, before any prefill; return the rows per prompt."""
         from kvcomp.model.arch import ropes, text_config

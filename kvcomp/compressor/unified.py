@@ -27,7 +27,8 @@ from kvcomp.scorer.base import ScoreContext
 
 
 class Scoring:
-    """Per-sequence glue between the cache and a scorer: holds the queries captured from ``q_proj``."""
+    """Per-sequence glue between the cache and a scorer: holds the queries captured from each layer's query
+    source (``kvcomp.model.arch.query_source``: ``q_norm``, ``q_proj`` or a fused projection's query slice)."""
 
     def __init__(self, scorer: Any, model: Any, window: int) -> None:
         self.scorer = scorer
@@ -44,8 +45,10 @@ class Scoring:
         select = self.sources[layer_idx][1]
 
         def hook(module: Any, args: tuple, out: torch.Tensor) -> None:
-            if self.window != 0 and out.shape[1] > 1:  # prefill only
-                out = select(args[0], out)
+            if self.window == 0:
+                return
+            out = select(args[0], out)  # [B, T, H_q * D]
+            if out.shape[1] > 1:  # prefill only
                 self.queries[layer_idx] = out if self.window < 0 else out[:, -self.window :]
         return hook
 
