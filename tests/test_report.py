@@ -39,6 +39,9 @@ def sweep(tmp_path: Path) -> Path:
     fake_run(root / "2", 64, 300, metrics(40.0, 2000.0, 8.0))
     fake_run(root / "3", 128, 300, failed="ConfigError: boom")
     fake_run(root / "10", 128, 400)  # killed: no metrics.json, no failed.json
+    fake_run(root / "11", 64, 400)  # interrupted (SIGTERM/Ctrl-C): status.json, no metrics.json
+    status = {"status": "interrupted", "signal": "SIGTERM", "stage": "abl", "samples_done": 2, "samples_total": 5}
+    (root / "11" / "status.json").write_text(json.dumps(status))
     return root
 
 
@@ -48,10 +51,11 @@ def test_report_table_and_pngs(sweep: Path) -> None:
     assert main([str(sweep)]) == 0
     out = sweep / "report"
     md = (out / "report.md").read_text()
-    assert "5 runs: 3 ok, 1 failed, 1 incomplete" in md and "ConfigError: boom" in md
+    assert "6 runs: 3 ok, 1 failed, 2 incomplete" in md and "ConfigError: boom" in md
+    assert "interrupted (SIGTERM) after 2 of 5 samples" in md
     rows = (out / "runs.csv").read_text().splitlines()
     assert rows[0].startswith("run,status,compressor.chunk_size,task.context_length,score")
-    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3", "10"]  # numeric order
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3", "10", "11"]  # numeric order
     for png in ("pareto.png", "ablation.png", "layer_bits.png"):
         assert (out / png).stat().st_size > 1000, png
 
@@ -98,3 +102,26 @@ def test_bad_dir_is_one_error_line(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=120)
         lines = [x for x in r.stderr.splitlines() if x.strip()]
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+def test_report_shows_intervals_and_paired_difference_to_best(tmp_path: Path) -> None:
+    """``value ± half-width (n)`` cells, ``*`` on a significant difference to the full cache, and each run's
+    paired score difference to the best run over the same samples (predictions.jsonl)."""
+    from kvcomp.stats import paired_vs_baseline, run_intervals
+    from runners.report import main
+
+    root = tmp_path / "sw"
+    full = [{"id": f"s{i}", "score": 1.0, "kl_full": 0.0} for i in range(40)]
+    for name, hits in (("0", 40), ("1", 38), ("2", 20)):
+        recs = [{"id": f"s{i}", "score": float(i < hits), "kl_full": 0.01 * (40 - hits) + 0.001 * i}
+                for i in range(40)]
+        m = {**metrics(100.0 * hits / 40, 1000.0, 4.0), **run_intervals(recs), **paired_vs_baseline(recs, full)}
+        fake_run(root / name, 64 * (1 + int(name)), 200, m)
+        (root / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main([str(root)]) == 0
+    md = (root / "report" / "report.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert "100.0 ± 4.4 (40)" in rows["0"] and "50.0 ± 14.8 (40) *" in rows["2"]
+    assert "| best |" in rows["0"] and rows["2"].rstrip(" |").endswith("*") and "(40)" in rows["1"]
+    csv_head = (root / "report" / "runs.csv").read_text().splitlines()[0]
+    assert "score_low" in csv_head and "kl_full_high" in csv_head and "score_vs_best" in csv_head

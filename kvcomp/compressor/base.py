@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from kvcomp.errors import ConfigError
+from kvcomp.fields import param
 from kvcomp.model import arch
 
 
@@ -22,11 +22,7 @@ from kvcomp.model import arch
 class Compressor:
     """``chunk_size``: prefill tokens per forward pass (0 = whole prompt at once)."""
 
-    chunk_size: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 0:
-            raise ConfigError(f"compressor.chunk_size={self.chunk_size} must be an integer >= 0 (0 = unchunked)")
+    chunk_size: int = param(0, ge=0)
 
     def new_cache(self, model: Any) -> Any:
         raise NotImplementedError
