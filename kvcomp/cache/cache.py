@@ -8,7 +8,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvcomp.cache.layer import CompressedLayer, PrecisionPolicy
-from kvcomp.cache.rope import Rope, find_rotary
+from kvcomp.cache.rope import Rope
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
@@ -31,12 +31,14 @@ class CompressedCache(Cache):
 
     def __init__(self, model: Any, quantizer: Quantizer, policy: PrecisionPolicy | None = None,
                  scoring: Any = None) -> None:
-        n_layers = model.config.num_hidden_layers
-        rotary = find_rotary(model)
-        if quantizer.pre_rope and rotary is None:
-            raise ValueError("quantizer.pre_rope=true needs a model with a rotary_emb module; set it to false")
-        self.rope = Rope(rotary) if rotary is not None else None
-        layers = [CompressedLayer(i, quantizer, self.rope, self) for i in range(n_layers)]
+        from kvcomp.model.arch import Needs, check, ropes, text_config
+
+        n_layers = text_config(model).num_hidden_layers
+        check(model, Needs(pre_rope=quantizer.pre_rope, method="quantizer.pre_rope=true"))
+        #: per layer: the model's RoPE for that layer (its layer type), None without RoPE
+        self.ropes: list[Rope | None] = ropes(model) or [None] * n_layers
+        self.rope = self.ropes[0]
+        layers = [CompressedLayer(i, quantizer, self.ropes[i], self) for i in range(n_layers)]
         super().__init__(layers=layers)
         self.quantizer = quantizer
         self.policy = policy

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from kvcomp.cache.rope import Rope, rotate
-from kvcomp.cache.storage import Dense, Stored, nbytes, numel
+from kvcomp.cache.rope import Rope
+from kvcomp.cache.storage import Dense, Rows, Stored, nbytes, numel
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
@@ -70,6 +70,11 @@ class CompressedLayer(CacheLayerMixin):
         n = sum(int(p.numel()) for p in self.pos_blocks)
         return n + (0 if self.res_pos is None else int(self.res_pos.numel()))
 
+    def held_positions(self) -> torch.Tensor:
+        """Absolute positions (int32) of the held tokens, in the order ``materialize`` returns them."""
+        pb = [*self.pos_blocks, *([] if self.res_pos is None else [self.res_pos])]
+        return torch.cat(pb) if pb else torch.zeros(0, dtype=torch.int32)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """kv_offset = seen - held, so held history sits just before the queries: all of it visible,
         and the new tokens stay causal among themselves at their true positions."""
@@ -117,7 +122,7 @@ class CompressedLayer(CacheLayerMixin):
             n = int(p.numel())
             k = kblk.dequantize(self.dtype)
             if cos is not None:
-                k = rotate(k, cos[o : o + n], sin[o : o + n])
+                k = self.rope.rotate(k, cos[o : o + n], sin[o : o + n])
             keys[..., o : o + n, :] = k
             values[..., o : o + n, :] = vblk.dequantize(self.dtype)
             o += n
@@ -221,8 +226,43 @@ class CompressedLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the compressed cache cannot be cropped (assisted decoding is unsupported)")
 
+    # -- batch rows (beam search, several sequences per prompt): transformers' Cache API ----------------
+    def batch_size(self) -> int:
+        first = self.res_k if self.res_k is not None else (self.k_blocks[0] if self.k_blocks else None)
+        return 0 if first is None else int(first.shape[0])
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Row ``i`` of the batch becomes old row ``rows[i]`` in every held tensor (packed blocks are shared via
+        ``Rows``, not copied); the quantizer's per-row statistics follow."""
+        b = self.batch_size()
+        if b == 0:
+            return
+        rows = rows.to(device=self.device, dtype=torch.long)
+        self.k_blocks = [Rows.of(k, rows) for k in self.k_blocks]
+        self.v_blocks = [Rows.of(v, rows) for v in self.v_blocks]
+        if self.res_k is not None:
+            self.res_k, self.res_v = self.res_k.index_select(0, rows), self.res_v.index_select(0, rows)
+        self.state = _rows(self.state, rows, b)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("the compressed cache does not support beam search; use greedy or sampling")
+        self.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.select_rows(torch.arange(self.batch_size(), device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(indices)
+
+
+def _rows(obj: Any, rows: torch.Tensor, b: int) -> Any:
+    """Quantizer state with every batch-leading tensor (``[B, ...]``) indexed by ``rows``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.index_select(0, rows.to(obj.device)) if obj.dim() >= 2 and obj.shape[0] == b else obj
+    if isinstance(obj, dict):
+        return {k: _rows(v, rows, b) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_rows(v, rows, b) for v in obj)
+    return obj
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvcomp.fields import param
+from kvcomp.model import arch
 
 
 @dataclass
@@ -29,6 +30,14 @@ class Compressor:
     def settings(self) -> dict[str, Any]:
         """Run settings reported in metrics.json (e.g. when the question was known); none by default."""
         return {}
+
+    def needs(self, n_layers: int) -> arch.Needs:
+        """What this compressor needs from a model of ``n_layers`` layers (nothing: a plain cache)."""
+        return arch.Needs()
+
+    def check(self, model: Any) -> None:
+        """Refuse, before any prefill, a model this compressor cannot run exactly (ConfigError, one line)."""
+        arch.check(model, self.needs(arch.text_config(model).num_hidden_layers))
 
     @contextmanager
     def attach(self, model: Any, cache: Any, question_ids: Any = None) -> Iterator[None]:

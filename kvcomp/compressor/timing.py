@@ -50,9 +50,11 @@ def prompt_end(cache: Any, scoring: Any, policy: Precision) -> dict[int, int]:
             continue
         keys, _ = layer.materialize()
         pos = held_positions(layer).to(keys.device).long()
-        pre = cache.rope.invert(keys, pos) if cache.rope is not None else keys
-        ctx = ScoreContext(i, n_layers, keys, pre, queries, pos, int(pos.numel()), 0, scoring.scaling,
-                           int(getattr(cache, "prompt_len", 0)))
+        rope = cache.ropes[i]
+        pre = rope.invert(keys, pos) if rope is not None else keys
+        scaling = scoring.scalings[i] or keys.shape[-1] ** -0.5
+        ctx = ScoreContext(i, n_layers, keys, pre, queries, pos, int(pos.numel()), 0, scaling,
+                           int(getattr(cache, "prompt_len", 0)), pos[:0], scoring.windows[i])
         scores[i] = torch.nan_to_num(scoring.scorer.score(ctx).float(), nan=0.0)
         positions[i] = pos
         stats.add(policy.band(i, n_layers), scores[i])

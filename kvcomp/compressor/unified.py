@@ -23,48 +23,59 @@ from kvcomp.compressor.precision import Precision
 from kvcomp.compressor.timing import prompt_end, say_once
 from kvcomp.errors import ConfigError
 from kvcomp.fields import bind
-from kvcomp.propagator.base import decoder_layers
+from kvcomp.model import arch
 from kvcomp.registry import COMPRESSORS
 from kvcomp.scorer.base import ScoreContext
 
 
 class Scoring:
-    """Per-sequence glue between the cache and a scorer: holds the queries captured from ``q_proj``."""
+    """Per-sequence glue between the cache and a scorer: holds the queries captured from each layer's query
+    source (``kvcomp.model.arch.query_source``: ``q_norm``, ``q_proj`` or a fused projection's query slice)."""
 
     def __init__(self, scorer: Any, model: Any, window: int) -> None:
-        cfg = model.config
         self.scorer = scorer
         self.window = window  # trailing queries to keep (-1 = all)
-        self.n_layers = cfg.num_hidden_layers
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scaling = self.head_dim**-0.5
+        attns = [arch.attention(model, layer) for layer in arch.decoder_layers(model)]
+        self.n_layers = len(attns)
+        #: per layer: the attention's own softmax scale (Gemma: query_pre_attn_scalar), else 1/sqrt(head_dim)
+        self.scalings = [getattr(a, "scaling", None) for a in attns]
+        self.sources = [arch.query_source(model, a) for a in attns]
+        self.windows = arch.windows(model)
         self.queries: dict[int, torch.Tensor] = {}
         self.last_queries: dict[int, torch.Tensor] = {}  # post-RoPE trailing queries of each layer's last forward
         self.end_pass: Any = None  # question: end -- called once the prompt has been read
 
     def q_hook(self, layer_idx: int) -> Any:
+        select = self.sources[layer_idx][1]
+
         def hook(module: Any, args: tuple, out: torch.Tensor) -> None:
-            if self.window != 0 and out.shape[1] > 1:  # prefill only
+            if self.window == 0:
+                return
+            out = select(args[0], out)  # [B, T, H_q * D]
+            if out.shape[1] > 1:  # prefill only
                 self.queries[layer_idx] = out if self.window < 0 else out[:, -self.window :]
         return hook
 
     def score(self, cache: CompressedCache, layer_idx: int, keys: torch.Tensor, new_keys: torch.Tensor,
               positions: torch.Tensor, n_store: int) -> torch.Tensor:
-        q = new_keys.shape[-2]
+        q, d = new_keys.shape[-2], new_keys.shape[-1]
         if n_store == 0:  # only an appended question reached this layer (propagation stopped the chunk)
             self.queries.pop(layer_idx, None)
             return torch.zeros(0, device=new_keys.device)
-        pre = cache.rope.invert(new_keys, positions) if cache.rope is not None else new_keys
+        rope = cache.ropes[layer_idx]
+        pre = rope.invert(new_keys, positions) if rope is not None else new_keys
         raw = self.queries.pop(layer_idx, None)  # [B, W, H_q * D] pre-RoPE
         queries = None
         if raw is not None:
             b, w, _ = raw.shape
             w = min(w, q)
-            qh = raw[:, -w:].reshape(b, w, -1, self.head_dim).transpose(1, 2)
-            queries = cache.rope.apply(qh, positions[-w:]) if cache.rope is not None else qh.float()
+            qh = raw[:, -w:].reshape(b, w, -1, d).transpose(1, 2)
+            queries = rope.apply(qh, positions[-w:]) if rope is not None else qh.float()
             self.last_queries[layer_idx] = queries
+        scaling = self.scalings[layer_idx] or d**-0.5
         ctx = ScoreContext(layer_idx, self.n_layers, keys, pre, queries, positions, n_store,
-                           keys.shape[-2] - q, self.scaling, int(getattr(cache, "prompt_len", 0)))
+                           keys.shape[-2] - q, scaling, int(getattr(cache, "prompt_len", 0)),
+                           cache.layers[layer_idx].held_positions(), self.windows[layer_idx])
         s = self.scorer.score(ctx).float()
         return torch.nan_to_num(s, nan=0.0)
 
@@ -104,6 +115,14 @@ class Unified(Compressor):
         if self.propagator is not None and self.propagator.active(32) and self.scorer is None:
             raise ConfigError("propagation drops tokens by importance; choose a scorer (scorer=prompt_guided, ...)")
 
+    def needs(self, n_layers: int) -> arch.Needs:
+        drops = self.policy.may_drop or (self.propagator is not None and self.propagator.active(n_layers))
+        what = [f"quantizer={getattr(self.quantizer, 'registry_name', '?')}"] if self.quantizer.pre_rope else []
+        what += [f"scorer={getattr(self.scorer, 'registry_name', '?')}"] if self.scorer is not None else []
+        return arch.Needs(pre_rope=self.quantizer.pre_rope, queries=self.scorer is not None,
+                          masks=drops, slicing=self.propagator is not None and self.propagator.active(n_layers),
+                          cache=True, method=" + ".join(what) or "this method")
+
     def new_cache(self, model: Any) -> CompressedCache:
         return CompressedCache(model, self.quantizer, policy=self.policy.for_prompt() if self.policy.active else None)
 
@@ -126,8 +145,8 @@ class Unified(Compressor):
             window = self.scorer.query_window or (q_len if q_len else 32)
             cache.scoring = Scoring(self.scorer, model, window)
             if window != 0:
-                for i, layer in enumerate(decoder_layers(model)):
-                    handles.append(layer.self_attn.q_proj.register_forward_hook(cache.scoring.q_hook(i)))
+                for i, (module, _) in enumerate(cache.scoring.sources):
+                    handles.append(module.register_forward_hook(cache.scoring.q_hook(i)))
             if needs and self.question == "oracle" and question_ids is not None:
                 cache.guide_ids = question_ids
             if needs and self.question == "end" and question_ids is not None and self.policy.mode == "tiers":

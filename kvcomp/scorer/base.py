@@ -25,7 +25,9 @@ class ScoreContext:
     ``queries``: ``[B, H_q, W, D]`` post-RoPE trailing queries (None if the scorer asked for none);
     ``positions``: ``[q]`` absolute positions of the new tokens; the first ``n_store`` are stored, the rest
     (``q - n_store``) are an appended question. ``held``: history tokens before them in ``keys``;
-    ``scaling``: attention's 1/sqrt(D); ``prompt_len``: tokens in the whole prompt (0 if unknown).
+    ``scaling``: attention's 1/sqrt(D); ``prompt_len``: tokens in the whole prompt (0 if unknown);
+    ``key_positions``/``window``: the history's positions and the layer's sliding window, so ``attention``
+    masks exactly what the model's layer masks.
     """
 
     layer_idx: int
@@ -38,6 +40,8 @@ class ScoreContext:
     held: int
     scaling: float
     prompt_len: int = 0
+    key_positions: torch.Tensor | None = None  # [held] absolute positions of the history keys (None: all earlier)
+    window: int | None = None  # the layer's sliding window: queries see keys less than this far back
 
     def attention(self, chunk: int = 256) -> torch.Tensor:
         """Softmax attention of ``queries`` over all keys, ``[B, H_q, W, held + q]`` (fp32), causal for the
@@ -47,13 +51,18 @@ class ScoreContext:
         hkv = self.keys.shape[1]
         k = self.keys.float().repeat_interleave(hq // hkv, dim=1)
         q_pos = self.positions[-w:] if w <= self.positions.numel() else self.positions
-        k_pos = torch.cat([torch.full((self.held,), -1, device=k.device, dtype=torch.long),
-                           self.positions.long()])
+        hist = self.key_positions
+        if hist is None:
+            hist = torch.full((self.held,), -1, device=k.device, dtype=torch.long)
+        k_pos = torch.cat([hist.to(device=k.device, dtype=torch.long), self.positions.long()])
+        window = self.window if self.key_positions is not None else None
         out = []
         for s in range(0, w, chunk):  # query blocks bound the transient [B, H, chunk, n] buffer
             qb = self.queries[:, :, s : s + chunk].float()
             logits = torch.matmul(qb, k.transpose(-1, -2)) * self.scaling
             future = k_pos[None, :] > q_pos[s : s + chunk, None].long()
+            if window is not None:  # the same keys the model's sliding-window layer sees
+                future |= k_pos[None, :] <= q_pos[s : s + chunk, None].long() - window
             logits.masked_fill_(future.view(1, 1, *future.shape), float("-inf"))
             out.append(torch.softmax(logits, dim=-1))
         return torch.cat(out, dim=2) if len(out) > 1 else out[0]
