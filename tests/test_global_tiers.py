@@ -101,7 +101,7 @@ def context(needle: bool, d: int = 16, n: int = 64) -> ScoreContext:
 
 def test_absolute_terms_tell_a_filler_chunk_from_a_needle_chunk() -> None:
     for scale in ("absolute", "chunk"):
-        s = SCORERS.build({"name": "prompt_guided", "term_scale": scale})
+        s = SCORERS.build({"name": "prompt_guided", "term_scale": scale, "pool_kernel": 7})
         f, n = s.score(context(False)), s.score(context(True))
         assert int(n.argmax()) in range(37, 47)
         if scale == "absolute":

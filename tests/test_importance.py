@@ -40,7 +40,7 @@ def needle_context(n: int = 64, needle: tuple[int, int] = (40, 44), d: int = 16)
 @pytest.mark.parametrize("name", SCORERS_CFG)
 def test_scorer_shape_and_needle(name: str) -> None:
     ctx = needle_context()
-    s = SCORERS.build({"name": name}).score(ctx)
+    s = SCORERS.build({"name": name, **({"pool_kernel": 7} if name == "prompt_guided" else {})}).score(ctx)
     assert s.shape == (64,) and s.dtype == torch.float32 and torch.isfinite(s).all()
     if name in ("prompt_guided", "snapkv", "h2o"):  # attention-based: the planted needle ranks first
         needle = s[40:44]
@@ -52,8 +52,8 @@ def test_scorer_shape_and_needle(name: str) -> None:
 
 def test_prompt_guided_terms_switch_off() -> None:
     ctx = needle_context()
-    only = {t: SCORERS.build({"name": "prompt_guided", "alpha": float(t == "a"), "beta": float(t == "b"),
-                              "gamma": float(t == "g")}).score(ctx) for t in "abg"}
+    only = {t: SCORERS.build({"name": "prompt_guided", "pool_kernel": 7, "alpha": float(t == "a"),
+                              "beta": float(t == "b"), "gamma": float(t == "g")}).score(ctx) for t in "abg"}
     assert only["a"].argmax() in range(37, 47) and only["g"].argmax() in range(37, 47)  # pooled over 7
     assert torch.allclose(only["b"], torch.zeros(64))  # mid-prompt positions: no positional prior
     with pytest.raises(ConfigError, match="scorer.alpha"):

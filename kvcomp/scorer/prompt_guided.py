@@ -14,8 +14,10 @@ chunk tokens i at absolute positions p_i, and a prompt of T tokens:
 - r(i) = max_j cos(k̃_i, k̃_P,j), min-max normalised: context relevance, the best cosine between token
   i's pre-RoPE key (content without position, averaged over KV heads) and any question token's.
 
-Â and r are max-pooled over ``pool_kernel`` neighbouring tokens (as SnapKV does), so the tokens around a
-match (the value next to its key) share its score. ``term_scale`` sets how Â and r are made comparable:
+Â and r are max-pooled over ``pool_kernel`` (21) neighbouring tokens (as SnapKV does), so the tokens around
+a match (the value next to its key) share its score; 21 rather than SnapKV's 7 because with propagation a
+7-digit value must reach the deep layers whole (measured, README "Issue 17").
+``term_scale`` sets how Â and r are made comparable:
 ``chunk`` min-max normalises each over the chunk (every chunk then has a token at 1, whatever it holds);
 ``absolute`` keeps them on one scale across chunks, so a downstream global policy can tell a filler chunk
 from a needle chunk: Â = x / (1 + x) with x = attention x number of keys (1 = uniform attention -> 0.5),
@@ -46,7 +48,7 @@ class PromptGuided(Scorer):
     gamma: float = param(0.3, ge=0)
     layer_decay: float = param(0.5, ge=0, le=1)
     pos_window: int = param(64, gt=0)
-    pool_kernel: int = param(7, ge=1, where=lambda k: k % 2 == 1, what="odd")
+    pool_kernel: int = param(21, ge=1, where=lambda k: k % 2 == 1, what="odd")
     term_scale: Literal["chunk", "absolute"] = "absolute"
     query_window: int = 0  # set from the question length at run time
     needs_question: bool = True
