@@ -33,8 +33,11 @@ def needle_context(n: int = 64, needle: tuple[int, int] = (40, 44), d: int = 16)
     keys[:, :, n:] = direction * 3  # the appended question tokens themselves
     queries = direction.expand(1, 4, 4, d) * 3
     pos = torch.arange(5000, 5000 + n + 4)  # mid-prompt
-    return ScoreContext(layer_idx=3, n_layers=8, keys=keys, new_keys_pre=keys, queries=queries.clone(),
-                        positions=pos, n_store=n, held=0, scaling=d**-0.5, prompt_len=10_000)
+    logits = torch.matmul(queries, keys.repeat_interleave(2, dim=1).transpose(-1, -2)) * d**-0.5
+    logits = logits.masked_fill(torch.ones(4, n + 4, dtype=torch.bool).triu_(n + 1), float("-inf"))
+    return ScoreContext(layer_idx=3, n_layers=8, new_keys=keys, new_keys_pre=keys, queries=queries.clone(),
+                        lse=torch.logsumexp(logits, dim=-1), positions=pos, n_store=n, scaling=d**-0.5,
+                        prompt_len=10_000)
 
 
 @pytest.mark.parametrize("name", SCORERS_CFG)

@@ -9,6 +9,7 @@ from transformers.cache_utils import Cache
 
 from kvcomp.cache.layer import CompressedLayer, PrecisionPolicy
 from kvcomp.cache.rope import Rope, find_rotary
+from kvcomp.kernels.chunk import RopeTable
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
@@ -23,7 +24,7 @@ class CompressedCache(Cache):
       them after dropping hidden states); otherwise positions follow on from the tokens seen;
     - ``guide_appended``: trailing tokens of the current forward (a question appended to a prefill chunk)
       that attention sees but the cache never stores;
-    - ``scoring``: an object with ``score(layer_idx, keys, new_keys, positions, n_store) -> [n_store]``
+    - ``scoring``: an object with ``score(cache, layer_idx, new_keys, positions, n_store, attn) -> [n_store]``
       giving each stored token an importance; scores of layer ``l`` are kept in ``layer_scores[l]``;
     - ``policy``: maps those scores to bits per token (0 = drop, -1 = quantizer's width) when tokens are
       flushed (``kvcomp.compressor.precision.Precision``).
@@ -36,6 +37,7 @@ class CompressedCache(Cache):
         if quantizer.pre_rope and rotary is None:
             raise ValueError("quantizer.pre_rope=true needs a model with a rotary_emb module; set it to false")
         self.rope = Rope(rotary) if rotary is not None else None
+        self.rope_table = RopeTable(rotary) if rotary is not None else None
         layers = [CompressedLayer(i, quantizer, self.rope, self) for i in range(n_layers)]
         super().__init__(layers=layers)
         self.quantizer = quantizer
@@ -47,6 +49,7 @@ class CompressedCache(Cache):
         self.guide_appended = 0
         self.guide_ids: torch.Tensor | None = None  # question ids appended to non-final prefill chunks
         self.prompt_len = 0  # set by prefill (a budget in tokens becomes a ratio of it)
+        self.deferred = False  # True while the model's attention reads this cache (kernels/interface.py)
 
     # -- hooks used by the layers ------------------------------------------------------------------
     def take_positions(self, layer_idx: int, seen: int, q: int, device: torch.device) -> torch.Tensor:
@@ -65,12 +68,13 @@ class CompressedCache(Cache):
             raise RuntimeError(f"layer {layer_idx}: {pos.numel()} pending positions for {q} new tokens")
         return pos.to(device)
 
-    def score(self, layer_idx: int, keys: torch.Tensor, new_keys: torch.Tensor, positions: torch.Tensor,
-              n_store: int) -> torch.Tensor | None:
-        """Importance [n_store] of the stored new tokens (None without a scorer or during decode)."""
+    def score(self, layer_idx: int, new_keys: torch.Tensor, positions: torch.Tensor, n_store: int,
+              attn: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+        """Importance [n_store] of the stored new tokens (None without a scorer or during decode). ``attn``:
+        (post-RoPE queries ``[B, Hq, q, D]``, their log-sum-exp over everything they attended to ``[B, Hq, q]``)."""
         if self.scoring is None or new_keys.shape[-2] == 1:
             return None
-        s = self.scoring.score(self, layer_idx, keys, new_keys, positions, n_store)
+        s = self.scoring.score(self, layer_idx, new_keys, positions, n_store, attn)
         self.layer_scores[layer_idx] = s
         return s
 

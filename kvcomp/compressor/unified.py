@@ -21,13 +21,13 @@ from kvcomp.cache import CompressedCache
 from kvcomp.compressor.base import Compressor
 from kvcomp.compressor.precision import Precision
 from kvcomp.errors import ConfigError
-from kvcomp.propagator.base import decoder_layers
+from kvcomp.kernels.interface import use_packed_attention
 from kvcomp.registry import COMPRESSORS
 from kvcomp.scorer.base import ScoreContext
 
 
 class Scoring:
-    """Per-sequence glue between the cache and a scorer: holds the queries captured from ``q_proj``."""
+    """Per-sequence glue between the cache and a scorer: which trailing queries it reads (``window``)."""
 
     def __init__(self, scorer: Any, model: Any, window: int) -> None:
         cfg = model.config
@@ -36,27 +36,17 @@ class Scoring:
         self.n_layers = cfg.num_hidden_layers
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling = self.head_dim**-0.5
-        self.queries: dict[int, torch.Tensor] = {}
 
-    def q_hook(self, layer_idx: int) -> Any:
-        def hook(module: Any, args: tuple, out: torch.Tensor) -> None:
-            if self.window != 0 and out.shape[1] > 1:  # prefill only
-                self.queries[layer_idx] = out if self.window < 0 else out[:, -self.window :]
-        return hook
-
-    def score(self, cache: CompressedCache, layer_idx: int, keys: torch.Tensor, new_keys: torch.Tensor,
-              positions: torch.Tensor, n_store: int) -> torch.Tensor:
+    def score(self, cache: CompressedCache, layer_idx: int, new_keys: torch.Tensor, positions: torch.Tensor,
+              n_store: int, attn: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         q = new_keys.shape[-2]
         pre = cache.rope.invert(new_keys, positions) if cache.rope is not None else new_keys
-        raw = self.queries.pop(layer_idx, None)  # [B, W, H_q * D] pre-RoPE
-        queries = None
-        if raw is not None:
-            b, w, _ = raw.shape
-            w = min(w, q)
-            qh = raw[:, -w:].reshape(b, w, -1, self.head_dim).transpose(1, 2)
-            queries = cache.rope.apply(qh, positions[-w:]) if cache.rope is not None else qh.float()
-        ctx = ScoreContext(layer_idx, self.n_layers, keys, pre, queries, positions, n_store,
-                           keys.shape[-2] - q, self.scaling, int(getattr(cache, "prompt_len", 0)))
+        queries = lse = None
+        if attn is not None and self.window != 0:
+            w = q if self.window < 0 else min(self.window, q)
+            queries, lse = attn[0][:, :, -w:], attn[1][:, :, -w:]
+        ctx = ScoreContext(layer_idx, self.n_layers, new_keys, pre, queries, lse, positions, n_store,
+                           self.scaling, int(cache.prompt_len))
         s = self.scorer.score(ctx).float()
         return torch.nan_to_num(s, nan=0.0)
 
@@ -103,15 +93,13 @@ class Unified(Compressor):
         if self.scorer is not None:
             window = self.scorer.query_window or (q_len if q_len else 32)
             cache.scoring = Scoring(self.scorer, model, window)
-            if window != 0:
-                for i, layer in enumerate(decoder_layers(model)):
-                    handles.append(layer.self_attn.q_proj.register_forward_hook(cache.scoring.q_hook(i)))
             if self.scorer.needs_question and self.guide_with_question and question_ids is not None:
                 cache.guide_ids = question_ids
         if self.propagator is not None:
             handles += self.propagator.install(model, cache, fix_masks=self.policy.may_drop)
         try:
-            yield
+            with use_packed_attention(model, cache):
+                yield
         finally:
             for h in handles:
                 h.remove()

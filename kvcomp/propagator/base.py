@@ -100,8 +100,8 @@ class Propagator:
                 kwargs["position_embeddings"] = (cos[:, fw.index], sin[:, fw.index])
                 kwargs["position_ids"] = pos_ids = pos_ids[:, fw.index]
                 cache.pending_positions[i] = pos_ids[0]
-            held = cache.layers[i].held()
-            kwargs["attention_mask"] = layer_mask(held, pos_ids[0], h.dtype)
+            if not getattr(cache, "deferred", False):  # kvcomp's attention needs no mask (causal by construction)
+                kwargs["attention_mask"] = layer_mask(cache.layers[i].held(), pos_ids[0], h.dtype)
             return args, kwargs
 
         return hook

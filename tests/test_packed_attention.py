@@ -1,0 +1,94 @@
+"""Attention straight from the packed cache (``kvcomp.kernels.chunk`` via the ``kvcomp_packed`` attention
+function): equal to the materialize oracle on every block type and every method, installed per model
+instance only for the run, and never building a full-precision copy of a layer's history."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import compose
+
+from kvcomp.cache.layer import materialized_attention
+from kvcomp.cache.quant import Packed
+from kvcomp.kernels import interface
+from kvcomp.kernels.chunk import RopeTable, chunk_attention
+from kvcomp.kernels.selfcheck import CASES, build_layer
+
+TOL = 1e-4  # float32
+METHODS = ("int8", "int4", "kivi", "kvquant_stream", "livekvquant", "prompt_guided", "snapkv", "h2o", "fastkv")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("n", [1, 9])
+def test_chunk_attention_equals_oracle_on_every_block_type(case: str, n: int) -> None:
+    """GQA 3:1, a decode step (n=1) and a chunk of 9 queries, tiles of 16 tokens splitting blocks."""
+    layer = build_layer(CASES[case], hkv=2, d=32, t=100, chunk=32, decode=3, start=5000)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 6, n, 32, generator=g)
+    k, v = torch.randn(1, 2, n, 32, generator=g), torch.randn(1, 2, n, 32, generator=g)
+    pos = torch.arange(layer.seen, layer.seen + n)
+    want, want_lse = materialized_attention(layer, q, k, v, pos, 32**-0.5)
+    rope = RopeTable(layer.rope.rotary) if layer.rope is not None else None
+    got, lse = chunk_attention(q, layer.history(), k, v, 32**-0.5, rope, tile=16)
+    assert float((got - want).abs().max()) < TOL and float((lse - want_lse).abs().max()) < TOL
+
+
+def _run(model, comp, ids, qids, impl: str, steps: int = 6) -> tuple[torch.Tensor, int]:
+    from kvcomp.generation import prefill
+
+    cache = comp.new_cache(model)
+    with torch.inference_mode(), comp.attach(model, cache, qids):
+        interface.set_impl(model, impl)
+        logits = [prefill(model, cache, ids, comp.chunk_size)]
+        for _ in range(steps):
+            nxt = logits[-1].argmax(-1)
+            logits.append(model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(logits), cache.kv_bytes
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_equals_materialize_path(tiny, method: str) -> None:
+    """Chunked prefill (question appended where the scorer wants it, propagation, drops) then decode: logits
+    and stored bytes of the tiled path equal the materialize + softmax oracle's."""
+    from kvcomp.experiment import build_parts
+
+    model, _ = tiny
+    comp = build_parts(compose([f"+experiment={method}", "compressor.chunk_size=96"])).compressor
+    g = torch.Generator().manual_seed(0)
+    ids, qids = torch.randint(3, 250, (1, 420), generator=g), torch.randint(3, 250, (1, 10), generator=g)
+    want, want_bytes = _run(model, comp, ids, qids, "materialize")
+    got, got_bytes = _run(model, comp, ids, qids, "tiled")
+    assert float((got - want).abs().max()) < TOL and got_bytes == want_bytes
+
+
+def test_installed_per_instance_and_removed(tiny) -> None:
+    """The attention function is selected on this model only while the run is active."""
+    from kvcomp.experiment import build_parts
+
+    model, _ = tiny
+    comp = build_parts(compose(["+experiment=int4"])).compressor
+    before = model.config._attn_implementation
+    cache = comp.new_cache(model)
+    with comp.attach(model, cache):
+        assert model.config._attn_implementation == interface.NAME and cache.deferred
+    assert model.config._attn_implementation == before and not cache.deferred
+
+
+def test_no_full_precision_history(tiny, monkeypatch) -> None:
+    """A packed run never materializes a layer nor dequantizes a whole packed block."""
+    from kvcomp.experiment import build_parts
+    from kvcomp.generation import prefill
+
+    def boom(*a, **k):
+        raise AssertionError("whole-history materialize / whole-block dequantize called")
+
+    model, _ = tiny
+    comp = build_parts(compose(["+experiment=kvquant_stream", "compressor.chunk_size=64"])).compressor
+    cache = comp.new_cache(model)
+    monkeypatch.setattr(type(cache.layers[0]), "materialize", boom)
+    monkeypatch.setattr(Packed, "dequantize", boom)
+    ids = torch.randint(3, 250, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), comp.attach(model, cache):
+        logits = prefill(model, cache, ids, comp.chunk_size)
+        model(input_ids=logits.argmax(-1)[:, None], past_key_values=cache, use_cache=True)
+    assert cache.layers[0].seen == 301
