@@ -41,13 +41,8 @@ class Engine:
         ids = torch.tensor([prompt_ids], device=self.device)
         stops = self.stop_ids | set(extra_stop_ids or ())
         q = torch.tensor([question_ids], device=self.device) if question_ids else None
-        cache = self.compressor.new_cache(self.model)
-        with self.compressor.attach(self.model, cache, q):
-            gen = greedy_generate(
-                self.model, cache, ids, max_new_tokens, stops, self.compressor.chunk_size,
-                min_new_tokens=1 if extra_stop_ids else 0,
-            )
-        del cache
+        with self.compressor.session(self.model, q) as s:
+            gen = greedy_generate(s, ids, max_new_tokens, stops, min_new_tokens=1 if extra_stop_ids else 0)
         toks = gen.tokens[:-1] if gen.tokens and gen.tokens[-1] in stops else gen.tokens
         return self.tokenizer.decode(toks, skip_special_tokens=True), gen
 

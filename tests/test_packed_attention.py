@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import compose
 
-from kvcomp.cache.layer import materialized_attention
+from kvcomp.cache.layer import CompressedLayer, materialized_attention
 from kvcomp.cache.quant import Packed
 from kvcomp.kernels import interface
 from kvcomp.kernels.chunk import RopeTable, chunk_attention
@@ -34,16 +34,12 @@ def test_chunk_attention_equals_oracle_on_every_block_type(case: str, n: int) ->
 
 
 def _run(model, comp, ids, qids, impl: str, steps: int = 6) -> tuple[torch.Tensor, int]:
-    from kvcomp.generation import prefill
-
-    cache = comp.new_cache(model)
-    with torch.inference_mode(), comp.attach(model, cache, qids):
+    with torch.inference_mode(), comp.session(model, qids) as s:
         interface.set_impl(model, impl)
-        logits = [prefill(model, cache, ids, comp.chunk_size)]
+        logits = [s.prefill(ids)]
         for _ in range(steps):
-            nxt = logits[-1].argmax(-1)
-            logits.append(model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True).logits[:, -1])
-    return torch.stack(logits), cache.kv_bytes
+            logits.append(s.step(logits[-1].argmax(-1)[:, None]))
+    return torch.stack(logits), s.cache.kv_bytes
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -68,27 +64,22 @@ def test_installed_per_instance_and_removed(tiny) -> None:
     model, _ = tiny
     comp = build_parts(compose(["+experiment=int4"])).compressor
     before = model.config._attn_implementation
-    cache = comp.new_cache(model)
-    with comp.attach(model, cache):
-        assert model.config._attn_implementation == interface.NAME and cache.deferred
-    assert model.config._attn_implementation == before and not cache.deferred
+    with comp.session(model) as s:
+        assert model.config._attn_implementation == interface.NAME and s.deferred and s.cache.run is s
+    assert model.config._attn_implementation == before and not s.deferred
 
 
 def test_no_full_precision_history(tiny, monkeypatch) -> None:
     """A packed run never materializes a layer nor dequantizes a whole packed block."""
     from kvcomp.experiment import build_parts
-    from kvcomp.generation import prefill
-
     def boom(*a, **k):
         raise AssertionError("whole-history materialize / whole-block dequantize called")
 
     model, _ = tiny
     comp = build_parts(compose(["+experiment=kvquant_stream", "compressor.chunk_size=64"])).compressor
-    cache = comp.new_cache(model)
-    monkeypatch.setattr(type(cache.layers[0]), "materialize", boom)
+    monkeypatch.setattr(CompressedLayer, "materialize", boom)
     monkeypatch.setattr(Packed, "dequantize", boom)
     ids = torch.randint(3, 250, (1, 300), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode(), comp.attach(model, cache):
-        logits = prefill(model, cache, ids, comp.chunk_size)
-        model(input_ids=logits.argmax(-1)[:, None], past_key_values=cache, use_cache=True)
-    assert cache.layers[0].seen == 301
+    with torch.inference_mode(), comp.session(model) as s:
+        s.step(s.prefill(ids).argmax(-1)[:, None])
+    assert s.cache.layers[0].seen == 301

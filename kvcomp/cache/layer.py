@@ -41,7 +41,7 @@ class CompressedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.quantizer = quantizer
         self.rope = rope if quantizer.pre_rope else None
-        self.owner = owner  # the CompressedCache: pending positions, precision policy
+        self.owner = owner  # the CompressedCache (its ``run``: positions, guide, scores, bits per token)
         self.reset()
 
     # -- transformers CacheLayerMixin API ------------------------------------------------------------
@@ -84,8 +84,8 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        positions = self.owner.take_positions(self.layer_idx, self.seen, q, key_states.device)
-        if self.owner.deferred:  # the attention function reads the history, then stores (``attend``)
+        positions = self.owner.run.take_positions(self.layer_idx, self.seen, q, key_states.device)
+        if self.owner.run.deferred:  # the attention function reads the history, then stores (``attend``)
             self.pending = (self.history(), positions)
             return key_states, value_states
         keys, values = self.materialize(key_states, value_states)
@@ -118,8 +118,8 @@ class CompressedLayer(CacheLayerMixin):
                attn: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         q = key_states.shape[-2]
         # the last `guide` tokens (a question appended to a prefill chunk) are attended to, never stored
-        store = q - self.owner.guide_appended
-        scores = self.owner.score(self.layer_idx, key_states, positions, store, attn)
+        store = q - self.owner.run.guide_appended
+        scores = self.owner.run.score(self.layer_idx, key_states, positions, store, attn)
         k_store = self.rope.invert(key_states, positions).to(key_states.dtype) if self.rope else key_states
         self._append(k_store[..., :store, :], value_states[..., :store, :], positions[:store].to(torch.int32),
                      scores)
@@ -191,7 +191,7 @@ class CompressedLayer(CacheLayerMixin):
     def compress(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor) -> None:
         """Quantize ``[B, H, T, D]`` tokens at ``pos`` [T]; the owner's precision policy maps their
         importance ``score`` [T] to bits per token (0 = drop)."""
-        bits = self.owner.token_bits(self.layer_idx, score, pos)
+        bits = self.owner.run.token_bits(self.layer_idx, score, pos)
         if bits is not None:
             keep = bits != 0
             if not bool(keep.all()):

@@ -4,14 +4,13 @@ scorer (token importance, while prefill runs) + precision policy (scores -> bits
 (how tokens are stored) + propagator (which tokens reach later layers). Each is switched off with
 ``none`` (precision: ``mode: none``), so a component ablation is a pure config change. Parts talk
 through small interfaces only: the scorer declares the queries it needs and whether the question guides
-each chunk; the cache asks ``scoring.score(...)`` and ``policy(...)``; the propagator reads
-``cache.layer_scores``.
+each chunk; the cache's layers ask the ``Session`` for scores (``Scoring.score``, from the attention pass) and
+bits per token (``policy``); the propagator reads ``session.layer_scores``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ from kvcomp.errors import ConfigError
 from kvcomp.kernels.interface import use_packed_attention
 from kvcomp.registry import COMPRESSORS
 from kvcomp.scorer.base import ScoreContext
+from kvcomp.session import Session
 
 
 class Scoring:
@@ -38,7 +38,7 @@ class Scoring:
         self.scaling = self.head_dim**-0.5
 
     def score(self, cache: CompressedCache, layer_idx: int, new_keys: torch.Tensor, positions: torch.Tensor,
-              n_store: int, attn: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+              n_store: int, attn: tuple[torch.Tensor, torch.Tensor] | None, prompt_len: int) -> torch.Tensor:
         q = new_keys.shape[-2]
         pre = cache.rope.invert(new_keys, positions) if cache.rope is not None else new_keys
         queries = lse = None
@@ -46,7 +46,7 @@ class Scoring:
             w = q if self.window < 0 else min(self.window, q)
             queries, lse = attn[0][:, :, -w:], attn[1][:, :, -w:]
         ctx = ScoreContext(layer_idx, self.n_layers, new_keys, pre, queries, lse, positions, n_store,
-                           self.scaling, int(cache.prompt_len))
+                           self.scaling, prompt_len)
         s = self.scorer.score(ctx).float()
         return torch.nan_to_num(s, nan=0.0)
 
@@ -83,23 +83,17 @@ class Unified(Compressor):
             raise ConfigError("propagation drops tokens by importance; choose a scorer (scorer=prompt_guided, ...)")
 
     def new_cache(self, model: Any) -> CompressedCache:
-        return CompressedCache(model, self.quantizer, policy=self.policy if self.policy.active else None)
+        return CompressedCache(model, self.quantizer)
 
-    @contextmanager
-    def attach(self, model: Any, cache: Any, question_ids: Any = None) -> Iterator[None]:
-        handles: list[Any] = []
-        q_len = 0 if question_ids is None else int(question_ids.shape[-1])
-        cache.question_len = q_len
+    def install(self, session: Session, stack: ExitStack) -> None:
+        model = session.model
+        session.policy = self.policy if self.policy.active else None
         if self.scorer is not None:
-            window = self.scorer.query_window or (q_len if q_len else 32)
-            cache.scoring = Scoring(self.scorer, model, window)
-            if self.scorer.needs_question and self.guide_with_question and question_ids is not None:
-                cache.guide_ids = question_ids
+            window = self.scorer.query_window or (session.question_len or 32)
+            session.scoring = Scoring(self.scorer, model, window)
+            if self.scorer.needs_question and self.guide_with_question and session.question_ids is not None:
+                session.guide_ids = session.question_ids
         if self.propagator is not None:
-            handles += self.propagator.install(model, cache, fix_masks=self.policy.may_drop)
-        try:
-            with use_packed_attention(model, cache):
-                yield
-        finally:
-            for h in handles:
-                h.remove()
+            handles = self.propagator.install(model, session, fix_masks=self.policy.may_drop)
+            stack.callback(lambda: [h.remove() for h in handles])
+        stack.enter_context(use_packed_attention(model, session))

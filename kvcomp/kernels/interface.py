@@ -1,7 +1,7 @@
 """The model's attention reads the compressed cache directly: an ``AttentionInterface`` function, selected
 per model instance while a compressed run is active.
 
-``use_packed_attention(model, cache)`` registers ``kvcomp_packed`` with transformers' attention-function
+``use_packed_attention(model, session)`` registers ``kvcomp_packed`` with transformers' attention-function
 registry (once; a registry entry, not a patch), switches *this* model to it with
 ``model.set_attn_implementation`` and switches it back on exit. While active, the cache's layers defer
 storing a forward's tokens: ``update`` returns the new K/V untouched, then the attention function asks the
@@ -55,8 +55,9 @@ def _register() -> None:
 
 
 @contextmanager
-def use_packed_attention(model: Any, cache: Any, impl: str = "tiled") -> Iterator[None]:
-    """Route ``model``'s attention through ``cache`` (a ``CompressedCache``) for the duration of the block."""
+def use_packed_attention(model: Any, run: Any, impl: str = "tiled") -> Iterator[None]:
+    """Route ``model``'s attention through ``run.cache`` (a ``CompressedCache`` bound to the session ``run``)
+    for the duration of the block."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {', '.join(IMPLS)}")
     _register()
@@ -65,15 +66,14 @@ def use_packed_attention(model: Any, cache: Any, impl: str = "tiled") -> Iterato
         raise RuntimeError("this model is already inside a kvcomp compressed run")
     old = model.config._attn_implementation
     model.set_attn_implementation(NAME)
-    _BOUND[key] = (cache, impl)
-    cache.deferred = True
+    _BOUND[key] = (run.cache, impl)
+    run.deferred = True
     try:
         yield
     finally:
-        cache.deferred = False
+        run.deferred = False
         _BOUND.pop(key, None)
         model.set_attn_implementation(old)
-
 
 def set_impl(model: Any, impl: str) -> None:
     """Switch an active run on ``model`` to ``impl`` (tests compare ``"tiled"`` with the ``"materialize"`` oracle)."""

@@ -40,7 +40,6 @@ def ema_update(state: dict[str, Any], key: str, m: torch.Tensor, decay: float) -
 class KVQuantStream(Quantizer):
     """Streaming KVQuant with the method's defaults (INT4, 4 sinks at 8 bit, outlier channels at 8 bit)."""
 
-    chunk_size: int = 512
     ema_decay: float = 0.9
     attention_sink_size: int = 4
     key_bits_normal: int = 4
@@ -56,8 +55,6 @@ class KVQuantStream(Quantizer):
         super().__post_init__()
         for key in ("key_bits_normal", "value_bits_normal", "key_bits_sink_outlier", "value_bits_sink_outlier"):
             check_bits(f"quantizer.{key}", getattr(self, key), (2, 3, 4, 8, 16))
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 0:
-            raise ConfigError(f"quantizer.chunk_size={self.chunk_size} must be an integer >= 0")
         if not 0.0 <= float(self.ema_decay) < 1.0:
             raise ConfigError(f"quantizer.ema_decay={self.ema_decay} must be in [0, 1)")
         if not isinstance(self.attention_sink_size, int) or self.attention_sink_size < 0:

@@ -43,7 +43,6 @@ class LiveKVQuant(Quantizer):
     """INT-``bits`` chunks, clipped-EMA ranges, sparse fp16 outliers, fp16 warm-up chunks."""
 
     bits: int = 4
-    chunk_size: int = 512
     ema_decay: float = 0.9
     clip_factor: float = 2.0
     outlier_scale: float = 1.0
@@ -53,8 +52,6 @@ class LiveKVQuant(Quantizer):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_bits("quantizer.bits", self.bits)
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 0:
-            raise ConfigError(f"quantizer.chunk_size={self.chunk_size} must be an integer >= 0")
         if not 0.0 <= float(self.ema_decay) < 1.0:
             raise ConfigError(f"quantizer.ema_decay={self.ema_decay} must be in [0, 1)")
         if float(self.clip_factor) < 1.0:
