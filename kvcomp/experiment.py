@@ -21,10 +21,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from kvcomp import interrupt
 from kvcomp.engine import Engine
 from kvcomp.envinfo import env_info
 from kvcomp.errors import ConfigError
+from kvcomp.fields import bind
 from kvcomp.model import ModelConfig, load_model
+from kvcomp.preflight import check_context, check_settings
 from kvcomp.registry import COMPRESSORS, LOGGERS, PROPAGATORS, QUANTIZERS, SCORERS, TASKS
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ def build_parts(cfg: DictConfig | dict[str, Any]) -> Parts:
     compressor = COMPRESSORS.build(c["compressor"], "compressor", **parts)
     task = TASKS.build(c["task"], "task")
     logger = LOGGERS.build(c.get("logger") or {"name": "none"}, "logger")
-    return Parts(ModelConfig(**c["model"]), compressor, task, logger)
+    return Parts(bind(ModelConfig, c["model"], "model"), compressor, task, logger)
 
 
 def _accepts(ccfg: dict[str, Any]) -> set[str]:
@@ -96,7 +99,16 @@ def seed_everything(seed: int) -> None:
 def evaluate(engine: Engine, task: Any, samples: list[Any], desc: str) -> list[dict[str, Any]]:
     """Run and score every sample (progress bar); returns predictions.jsonl records."""
     bar = tqdm(samples, desc=desc, unit="sample", leave=False, mininterval=0.1 if sys.stderr.isatty() else 15)
-    return [task.run_sample(engine, s) for s in bar]
+    log.info("%s: %d samples (SIGTERM or Ctrl-C stops after the current one, keeping those done)", desc, len(samples))
+    records: list[dict[str, Any]] = []
+    try:
+        for s in bar:
+            interrupt.check()
+            records.append(task.run_sample(engine, s))
+    except interrupt.Interrupted as e:
+        e.records, e.total, e.stage = records, len(samples), desc
+        raise
+    return records
 
 
 def aggregate(task: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -129,13 +141,15 @@ def aggregate(task: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
 def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) -> dict[str, Any]:
     """Run one experiment; returns metrics (``score`` 0-100, perf and cache numbers)."""
     c = to_dict(cfg)
+    check_settings(c)
     parts = build_parts(c)
-    seed_everything(int(c.get("seed", 0)))
+    check_context(c, parts.model, parts.task)  # still before any model or data loads
+    seed_everything(c.get("seed", 0))
     out = Path(output_dir) if output_dir is not None else None
     name = str(c.get("exp_name", "run"))
     model, tok = load_model(parts.model)
     parts.logger.start(c, out, name)
-    ok = False
+    ok, records, stop = False, [], interrupt.install()
     try:
         engine = Engine(model, tok, parts.compressor)
         samples = parts.task.samples(tok)
@@ -154,7 +168,12 @@ def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) 
             parts.logger.log_table("per_layer", metrics["per_layer"])
         ok = True
         return metrics
+    except interrupt.Interrupted as e:  # predictions so far + status.json; no metrics.json
+        if out is not None:
+            interrupt.mark(out, e, records or e.records, env_info(next(model.parameters()).device))
+        raise
     finally:
+        stop()
         parts.logger.finish(ok)
 
 
@@ -169,6 +188,7 @@ def _baseline(model: Any, tok: Any, task: Any, samples: list[Any], m: dict[str, 
         "memory_savings_vs_baseline": 1 - m["kv_bytes"] / b["kv_bytes"] if b.get("kv_bytes") else None,
         "baseline_ttft_s": b.get("ttft_s"),
         "baseline_kv_bytes": b.get("kv_bytes"),
+        "baseline_kv_bytes_fp16": b.get("kv_bytes_fp16"),
         "baseline_peak_rss_bytes": b.get("peak_rss_bytes"),
     }
     rows = [("score", b["score"], m["score"]), ("ttft_s", b.get("ttft_s"), m.get("ttft_s")),

@@ -1,7 +1,8 @@
 """A small typed registry: one per component kind; components register by name.
 
 Duplicate names fail at import; unknown names fail with the list of choices and the closest match;
-config keys are checked against the component's constructor before anything heavy (a model) loads.
+config keys are checked against the component's constructor, and their values against the types and
+bounds declared on its dataclass fields (``kvcomp.fields``), before anything heavy (a model) loads.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 from kvcomp.errors import ConfigError, RegistryError, closest, unknown_choice
+from kvcomp.fields import check
 
 T = TypeVar("T")
 
@@ -90,6 +92,7 @@ class Registry(Generic[T]):
             raise ConfigError(f"{key}: needs 'name' (one of: {', '.join(self.names())}) or '_target_'")
         kwargs = {k: v for k, v in cfg.items() if k not in RESERVED_KEYS}
         check_keys(cls, kwargs, key)
+        check(cls, kwargs, key)  # types and bounds declared on the fields (kvcomp.fields)
         try:
             return cls(**kwargs, **extra)
         except ConfigError:

@@ -1,7 +1,9 @@
 """CLI: ``python -m runners.run +experiment=<name> [overrides]`` (``-m`` for sweeps).
 
 A thin ``@hydra.main`` around ``kvcomp.experiment.run``. Bad input prints one ``error:`` line, exits 2
-and leaves no half-written run dir.
+and leaves no half-written run dir. SIGTERM or Ctrl-C stops the run after the current sample; its dir
+keeps ``predictions.jsonl`` so far and ``status.json`` (``status: interrupted``), and the exit status is
+128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from kvcomp.errors import KvcompError, unknown_choice
+from kvcomp.interrupt import Interrupted, describe
+from kvcomp.sidebyside import method_label, side_by_side
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "compressor", "quantizer", "propagation", "scorer", "task", "logger", "experiment")
@@ -49,10 +54,19 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     out = Path(hc.runtime.output_dir)
     try:
         metrics = run(cfg, out)
+    except Interrupted as e:  # the run dir keeps predictions so far and status.json (no metrics.json)
+        said = describe(out)
+        if not said:
+            _discard(out)
+        print(f"{said or e}; partial predictions in {out}" if said else f"{e} before any sample",
+              file=sys.stderr)
+        sys.exit(128 + e.signum)
     except Exception as e:
         if hc.mode == RunMode.MULTIRUN:
             return _failed(out, e)  # recorded; the sweep goes on (Optuna tells the trial FAIL)
         _discard(out)
+        if isinstance(e, OmegaConfBaseException):  # e.g. an interpolation naming a key that is not there
+            e = KvcompError(str(e).splitlines()[0] + (f" (in {e.full_key})" if getattr(e, "full_key", None) else ""))
         if not isinstance(e, KvcompError):
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -60,6 +74,8 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     except BaseException:
         _discard(out)
         raise
+    if "baseline_score" in metrics:  # compare_baseline=true: the method next to the full cache
+        print(side_by_side(metrics, method_label(cfg)))
     print(f"run dir: {out}\nscore: {metrics.get('score')}  objective: {metrics['objective']}")
     return metrics["objective"]
 

@@ -138,9 +138,9 @@ def test_token_bits_give_mixed_widths() -> None:
 
 
 def test_bad_quantizer_config() -> None:
-    with pytest.raises(ConfigError, match="quantizer.key_bits=5 .*allowed: 2, 3, 4, 8"):
+    with pytest.raises(ConfigError, match="quantizer.key_bits=5 is not one of: 2, 3, 4, 8$"):
         QUANTIZERS.build({"name": "kivi", "key_bits": 5})
-    with pytest.raises(ConfigError, match="quantizer.key_axis=row .*allowed: token, channel"):
+    with pytest.raises(ConfigError, match="quantizer.key_axis=row is not one of: token, channel$"):
         QUANTIZERS.build({"name": "uniform", "key_axis": "row"})
     with pytest.raises(ConfigError, match="warmup_chunks"):
         QUANTIZERS.build({"name": "livekvquant", "warmup_chunks": -1})

@@ -39,6 +39,9 @@ def sweep(tmp_path: Path) -> Path:
     fake_run(root / "2", 64, 300, metrics(40.0, 2000.0, 8.0))
     fake_run(root / "3", 128, 300, failed="ConfigError: boom")
     fake_run(root / "10", 128, 400)  # killed: no metrics.json, no failed.json
+    fake_run(root / "11", 64, 400)  # interrupted (SIGTERM/Ctrl-C): status.json, no metrics.json
+    status = {"status": "interrupted", "signal": "SIGTERM", "stage": "abl", "samples_done": 2, "samples_total": 5}
+    (root / "11" / "status.json").write_text(json.dumps(status))
     return root
 
 
@@ -48,10 +51,11 @@ def test_report_table_and_pngs(sweep: Path) -> None:
     assert main([str(sweep)]) == 0
     out = sweep / "report"
     md = (out / "report.md").read_text()
-    assert "5 runs: 3 ok, 1 failed, 1 incomplete" in md and "ConfigError: boom" in md
+    assert "6 runs: 3 ok, 1 failed, 2 incomplete" in md and "ConfigError: boom" in md
+    assert "interrupted (SIGTERM) after 2 of 5 samples" in md
     rows = (out / "runs.csv").read_text().splitlines()
     assert rows[0].startswith("run,status,compressor.chunk_size,task.context_length,score")
-    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3", "10"]  # numeric order
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3", "10", "11"]  # numeric order
     for png in ("pareto.png", "ablation.png", "layer_bits.png"):
         assert (out / png).stat().st_size > 1000, png
 

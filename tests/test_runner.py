@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,11 @@ def test_tiny_end_to_end(tmp_path: Path) -> None:
     env = json.loads((out / "env.json").read_text())
     assert env["versions"]["torch"] and env["device"] == "cpu" and "torch_threads" in env
     assert (out / ".hydra" / "config.yaml").exists()
+    assert m["baseline_score"] is not None and m["memory_savings"] > 0.5  # the demo compresses (tiny heads: 16 dims)
+    table = r.stdout[r.stdout.index("x fewer bytes than fp16") - 200:]
+    for row in ("kvquant_stream", "full cache", "score (0-100, n=3)", "KV cache held (MiB)", "TTFT (s, mean)",
+                "peak RSS in prefill (MiB)", f"run dir: {out}"):
+        assert row in table, r.stdout[-3000:]
 
 
 def test_same_seed_same_metrics(tmp_path: Path) -> None:
@@ -58,6 +65,13 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     (["model=tiny_llama", "+experiment=nosuch"], "experiment=nosuch is not one of"),
     (["model=tiny_llama", "+compressor.chunk_sz=3"], "compressor.chunk_sz"),
     (["model=tiny_llama", "quantizer=none", "model.device=cuda:7"], "model.device"),
+    # up front, before the model loads (issue 19)
+    (["seed=abc"], "error: seed=abc must be an integer >= 0"),
+    (["model=tiny_llama", "seed=-1"], "error: seed=-1 must be an integer >= 0"),
+    (["model=tiny_llama", "task.context_length=1.5"], "error: task.context_length=1.5 must be an integer > 0"),
+    (["+experiment=kvquant_stream", "quantizer.ema_decay=1"], "quantizer.ema_decay=1 must be a number in [0, 1)"),
+    (["task.context_length=200000"], "200012 positions exceed model=smollm2_135m's max_position_embeddings=8192"),
+    (["model=tiny_llama", "+experiment=kvquant_stream", "quantizer=none"], "'quantizer.chunk_size' not found"),
 ])
 def test_bad_overrides_fail_cleanly(tmp_path: Path, args: list[str], needle: str) -> None:
     if "cuda" in " ".join(args):
@@ -93,3 +107,53 @@ def test_compare_baseline_adds_full_cache_numbers() -> None:
     assert m["ttft_speedup"] == pytest.approx(m["baseline_ttft_s"] / m["ttft_s"])
     assert m["quality_retention"] is None if full["score"] == 0 else m["quality_retention"] == pytest.approx(
         m["score"] / full["score"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_interrupted_run_says_so(tmp_path: Path, sig: signal.Signals) -> None:
+    """A real run gets the signal mid-run: it stops after the current sample, keeps predictions so far and a
+    status.json marker, writes no metrics.json, exits 128 + signal; the report counts it incomplete."""
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    args = ["model=tiny_llama", "task.context_length=300", "task.n_samples=400", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen([sys.executable, "-m", "runners.run", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in proc.stdout:  # Hydra's console log: the line comes once the signal handlers are in place
+            if "samples (SIGTERM or Ctrl-C" in line:
+                break
+        time.sleep(3)  # some samples done, most not
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert "Traceback" not in err and f"interrupted ({sig.name}) after" in err
+    status = json.loads((out / "status.json").read_text())
+    preds = (out / "predictions.jsonl").read_text().splitlines()
+    assert status["status"] == "interrupted" and status["signal"] == sig.name
+    assert 0 < status["samples_done"] == len(preds) < status["samples_total"] == 400
+    assert json.loads(preds[-1])["id"] == f"passkey-{len(preds) - 1}"  # whole samples, in order
+    assert not (out / "metrics.json").exists()
+    from kvcomp.sweep.report import collect
+
+    (run,) = collect(out, progress=False)
+    assert run.status == "incomplete" and run.error.startswith(f"interrupted ({sig.name}) after")
+
+
+def test_side_by_side_table() -> None:
+    from kvcomp.sidebyside import method_label, side_by_side
+
+    mib = 2**20
+    m = {"n_samples": 3, "score": 100.0, "baseline_score": 66.7, "kv_bytes": 4 * mib, "kv_bytes_fp16": 14 * mib,
+         "baseline_kv_bytes": 28 * mib, "baseline_kv_bytes_fp16": 14 * mib, "ttft_s": 1.5, "baseline_ttft_s": 2.0,
+         "peak_rss_bytes": 1000 * mib}
+    lines = side_by_side(m, "kvquant_stream").splitlines()
+    assert lines[0].split() == ["kvquant_stream", "full", "cache"]
+    assert lines[1].split()[-2:] == ["100.0", "66.7"] and lines[2].split()[-2:] == ["4.00", "28.00"]
+    assert lines[3].split()[-2:] == ["3.50x", "0.50x"] and lines[4].split()[-2:] == ["0.71", "-1.00"]
+    assert lines[5].split()[-2:] == ["1.50", "2.00"] and lines[6].split()[-2:] == ["1000", "-"]  # not measured: -
+    assert method_label({"scorer": {"name": "none"}, "quantizer": {"name": "kvquant_stream"},
+                         "propagation": {"name": "none"}}) == "kvquant_stream"
+    assert method_label({"scorer": {"name": "snapkv"}, "quantizer": {"name": "none"},
+                         "propagation": {"name": "fastkv_tsp"}}) == "snapkv+fastkv_tsp"

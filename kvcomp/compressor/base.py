@@ -13,7 +13,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from kvcomp.errors import ConfigError
+from kvcomp.fields import param
 from kvcomp.session import Session
 
 
@@ -21,11 +21,7 @@ from kvcomp.session import Session
 class Compressor:
     """``chunk_size``: prefill tokens per forward pass (0 = whole prompt at once)."""
 
-    chunk_size: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 0:
-            raise ConfigError(f"compressor.chunk_size={self.chunk_size} must be an integer >= 0 (0 = unchunked)")
+    chunk_size: int = param(0, ge=0)
 
     def session(self, model: Any, question_ids: Any = None) -> Session:
         """One prompt's run on ``model`` (a context manager); ``question_ids`` ``[1, Q]`` or None."""

@@ -21,7 +21,6 @@ class FullCache(Compressor):
     propagator: Any = None
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         for key, comp in (("quantizer", self.quantizer), ("propagation", self.propagator)):
             name = getattr(comp, "registry_name", "none")
             if name != "none":

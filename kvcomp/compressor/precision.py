@@ -11,44 +11,35 @@ without a score (decode) get the quantizer's width. Widths: 2/3/4/8 packed, 16 =
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from kvcomp.errors import ConfigError
+from kvcomp.fields import param
 
 DEFAULT = -1  # "the quantizer's own width"
-MODES = ("none", "tiers", "budget")
 
 
 @dataclass
 class Precision:
     """Maps a layer's scores [T] and positions [T] to token widths [T] (0 = drop)."""
 
-    mode: str = "none"
-    theta_h: float = 0.7
-    theta_m: float = 0.3
-    bits: list[int] = field(default_factory=lambda: [8, 4, 2])
+    mode: Literal["none", "tiers", "budget"] = "none"
+    theta_h: float = param(0.7, ge=0, le=1)
+    theta_m: float = param(0.3, ge=0, le=1)
+    bits: list[int] = param(default_factory=lambda: [8, 4, 2], choices=(2, 3, 4, 8, 16), min_len=3, max_len=3)
     drop_low: bool = False
-    normalize: str = "minmax"
-    keep_ratio: float | None = 0.5
-    keep_tokens: int | None = None
-    protect_sinks: int = 4
+    normalize: Literal["minmax", "rank"] = "minmax"
+    keep_ratio: float | None = param(0.5, gt=0, le=1)
+    keep_tokens: int | None = param(None, gt=0)
+    protect_sinks: int = param(4, ge=0)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"compressor.precision.mode={self.mode} is not a mode; allowed: {', '.join(MODES)}")
-        if not 0.0 <= self.theta_m < self.theta_h <= 1.0:
-            raise ConfigError(f"compressor.precision: need 0 <= theta_m < theta_h <= 1, got theta_m={self.theta_m}"
+        if not self.theta_m < self.theta_h:
+            raise ConfigError(f"compressor.precision: need theta_m < theta_h, got theta_m={self.theta_m}"
                               f" theta_h={self.theta_h}")
-        if len(self.bits) != 3 or any(b not in (2, 3, 4, 8, 16) for b in self.bits):
-            raise ConfigError(f"compressor.precision.bits={list(self.bits)} must be 3 widths from 2, 3, 4, 8, 16")
-        if self.normalize not in ("minmax", "rank"):
-            raise ConfigError(f"compressor.precision.normalize={self.normalize}; allowed: minmax, rank")
-        if self.keep_ratio is not None and not 0.0 < float(self.keep_ratio) <= 1.0:
-            raise ConfigError(f"compressor.precision.keep_ratio={self.keep_ratio} must be in (0, 1]")
-        if self.keep_tokens is not None and (not isinstance(self.keep_tokens, int) or self.keep_tokens <= 0):
-            raise ConfigError(f"compressor.precision.keep_tokens={self.keep_tokens} must be an integer > 0")
 
     @property
     def active(self) -> bool:

@@ -20,6 +20,7 @@ from kvcomp.cache import CompressedCache
 from kvcomp.compressor.base import Compressor
 from kvcomp.compressor.precision import Precision
 from kvcomp.errors import ConfigError
+from kvcomp.fields import bind
 from kvcomp.kernels.interface import use_packed_attention
 from kvcomp.registry import COMPRESSORS
 from kvcomp.scorer.base import ScoreContext
@@ -64,12 +65,11 @@ class Unified(Compressor):
     scorer: Any = None
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.quantizer is None:
             from kvcomp.quantizer.none import NoQuantizer
 
             self.quantizer = NoQuantizer()
-        self.policy = Precision(**dict(self.precision or {}))
+        self.policy = bind(Precision, self.precision, "compressor.precision")
         has_scorer = self.scorer is not None and getattr(self.scorer, "registry_name", "") != "none"
         if not has_scorer:
             self.scorer = None

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from kvcomp.errors import ConfigError, KvcompError
+from kvcomp.fields import bind, param
 
 log = logging.getLogger(__name__)
 SOURCES = ("embedded_gguf", "pretrained", "random")
@@ -28,25 +29,21 @@ class ModelConfig:
     """``conf/model/*.yaml``. ``source``: embedded_gguf | pretrained (hub id or local dir) | random."""
 
     name: str
-    source: str = "pretrained"
+    source: str = param("pretrained", choices=SOURCES)
     name_or_path: str | None = None
     gguf_package: str | None = None
     gguf_file: str | None = None
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = param("auto", choices=("auto", *DTYPES))
     attn_implementation: str = "sdpa"
-    seed: int = 0
+    seed: int = param(0, ge=0)
     random: dict[str, Any] = field(default_factory=dict)  # tiny_llama shape overrides
 
     def __post_init__(self) -> None:
         if self.name_or_path and self.source == "embedded_gguf":
             self.source = "pretrained"  # model.name_or_path=<dir> overrides the embedded weights
-        if self.source not in SOURCES:
-            raise ConfigError(f"model.source={self.source} is not one of: {', '.join(SOURCES)}")
         if self.source == "pretrained" and not self.name_or_path:
             raise ConfigError("model.name_or_path must be set (a hub id or a local directory)")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype={self.dtype} is not one of: auto, {', '.join(DTYPES)}")
         resolve_device(self.device)
 
     def key(self) -> str:
@@ -81,7 +78,7 @@ def cache_dir() -> Path:
 def load_model(cfg: ModelConfig | dict[str, Any]) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` in eval mode on the configured device/dtype (cached per config)."""
     if not isinstance(cfg, ModelConfig):
-        cfg = ModelConfig(**cfg)
+        cfg = bind(ModelConfig, cfg, "model")
     key = cfg.key()
     if key in _LOADED:
         return _LOADED[key]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from kvcomp.errors import ConfigError
+from kvcomp.fields import param
 
 
 def decoder_layers(model: Any) -> Any:
@@ -56,7 +57,7 @@ class _Forward:
 class Propagator:
     """Base: propagates every token (``ratio`` 1); subclasses give a schedule. ``keep_last``: tail always kept."""
 
-    keep_last: int = 32
+    keep_last: int = param(32, ge=0)
 
     def ratio(self, layer_idx: int, n_layers: int) -> float:
         return 1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvcomp.errors import ConfigError
+from kvcomp.fields import param
 from kvcomp.propagator.base import Propagator
 from kvcomp.registry import PROPAGATORS
 
@@ -19,14 +20,8 @@ from kvcomp.registry import PROPAGATORS
 class FastKVTSP(Propagator):
     """One selection layer ``tsp_layer`` keeping ``tsp_rate`` of the tokens."""
 
-    tsp_layer: int | None = None
-    tsp_rate: float = 0.2
-
-    def __post_init__(self) -> None:
-        if not 0.0 < float(self.tsp_rate) <= 1.0:
-            raise ConfigError(f"propagation.tsp_rate={self.tsp_rate} must be in (0, 1]")
-        if self.tsp_layer is not None and (not isinstance(self.tsp_layer, int) or self.tsp_layer < 0):
-            raise ConfigError(f"propagation.tsp_layer={self.tsp_layer} must be an integer >= 0 or null")
+    tsp_layer: int | None = param(None, ge=0)
+    tsp_rate: float = param(0.2, gt=0, le=1)
 
     def ratio(self, layer_idx: int, n_layers: int) -> float:
         tsp = n_layers // 2 if self.tsp_layer is None else self.tsp_layer

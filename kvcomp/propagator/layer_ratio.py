@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvcomp.errors import ConfigError
+from kvcomp.fields import param
 from kvcomp.propagator.base import Propagator
 from kvcomp.registry import PROPAGATORS
 
@@ -19,17 +20,13 @@ from kvcomp.registry import PROPAGATORS
 class LayerRatio(Propagator):
     """Ratios by depth band (defaults 0.8 / 0.6 / 0.4 over the first 30 % / middle / last 30 %)."""
 
-    early: float = 0.8
-    middle: float = 0.6
-    late: float = 0.4
-    early_frac: float = 0.3
-    late_frac: float = 0.3
+    early: float = param(0.8, ge=0, le=1)
+    middle: float = param(0.6, ge=0, le=1)
+    late: float = param(0.4, ge=0, le=1)
+    early_frac: float = param(0.3, ge=0, le=1)
+    late_frac: float = param(0.3, ge=0, le=1)
 
     def __post_init__(self) -> None:
-        for key in ("early", "middle", "late", "early_frac", "late_frac"):
-            v = getattr(self, key)
-            if not isinstance(v, int | float) or not 0.0 <= float(v) <= 1.0:
-                raise ConfigError(f"propagation.{key}={v} must be a number in [0, 1]")
         if self.early_frac + self.late_frac > 1.0:
             raise ConfigError("propagation.early_frac + propagation.late_frac must be <= 1")
 

@@ -25,6 +25,7 @@ import torch
 from kvcomp.cache.quant import half_safe
 from kvcomp.cache.storage import Dense, Segment, Stored
 from kvcomp.errors import ConfigError
+from kvcomp.fields import param
 
 PACK_BITS = (2, 3, 4, 8)
 WIDTHS = (*PACK_BITS, 16)
@@ -41,14 +42,8 @@ class Quantizer:
     """
 
     pre_rope: bool = True
-    residual_length: int = 0
-    flush_group: int = 32
-
-    def __post_init__(self) -> None:
-        for key in ("residual_length", "flush_group"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "flush_group" else 0):
-                raise ConfigError(f"quantizer.{key}={v} must be an integer >= {1 if key == 'flush_group' else 0}")
+    residual_length: int = param(0, ge=0)
+    flush_group: int = param(32, ge=1)
 
     # -- to override --------------------------------------------------------------------------------
     def init_state(self) -> dict[str, Any]:
@@ -118,13 +113,3 @@ def check_widths(bits: torch.Tensor) -> None:
     if bad:
         raise ConfigError(f"token widths {sorted(bad)} are not storable; allowed: {', '.join(map(str, WIDTHS))}")
 
-
-def check_bits(key: str, value: Any, allowed: tuple[int, ...] = PACK_BITS) -> None:
-    """ConfigError unless ``value`` is one of ``allowed`` bit widths."""
-    if value not in allowed or isinstance(value, bool):
-        raise ConfigError(f"{key}={value} is not a supported width; allowed: {', '.join(map(str, allowed))}")
-
-
-def check_axis(key: str, value: Any) -> None:
-    if value not in ("token", "channel"):
-        raise ConfigError(f"{key}={value} is not an axis; allowed: token, channel")

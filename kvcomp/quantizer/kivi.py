@@ -15,8 +15,8 @@ import torch
 
 from kvcomp.cache.quant import quantize
 from kvcomp.cache.storage import Stored
-from kvcomp.errors import ConfigError
-from kvcomp.quantizer.base import Quantizer, check_bits
+from kvcomp.fields import param
+from kvcomp.quantizer.base import PACK_BITS, Quantizer
 from kvcomp.registry import QUANTIZERS
 
 
@@ -25,18 +25,13 @@ from kvcomp.registry import QUANTIZERS
 class Kivi(Quantizer):
     """KIVI-``bits``: ``key_bits``/``value_bits`` (2 in the paper), ``group_size`` 32, residual 128."""
 
-    key_bits: int = 2
-    value_bits: int = 2
-    group_size: int = 32
+    key_bits: int = param(2, choices=PACK_BITS)
+    value_bits: int = param(2, choices=PACK_BITS)
+    group_size: int = param(32, gt=0)
     residual_length: int = 128
     pre_rope: bool = False
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        check_bits("quantizer.key_bits", self.key_bits)
-        check_bits("quantizer.value_bits", self.value_bits)
-        if not isinstance(self.group_size, int) or self.group_size <= 0:
-            raise ConfigError(f"quantizer.group_size={self.group_size} must be an integer > 0")
         self.flush_group = self.group_size  # decode flushes whole key groups
 
     def widths(self, state: dict[str, Any]) -> tuple[int, int]:

@@ -23,8 +23,8 @@ import torch
 
 from kvcomp.cache.quant import ChannelSplit, columns, half_safe, quantize
 from kvcomp.cache.storage import Dense, Stored
-from kvcomp.errors import ConfigError
-from kvcomp.quantizer.base import Quantizer, check_bits
+from kvcomp.fields import param
+from kvcomp.quantizer.base import WIDTHS, Quantizer
 from kvcomp.registry import QUANTIZERS
 
 
@@ -40,30 +40,16 @@ def ema_update(state: dict[str, Any], key: str, m: torch.Tensor, decay: float) -
 class KVQuantStream(Quantizer):
     """Streaming KVQuant with the method's defaults (INT4, 4 sinks at 8 bit, outlier channels at 8 bit)."""
 
-    ema_decay: float = 0.9
-    attention_sink_size: int = 4
-    key_bits_normal: int = 4
-    value_bits_normal: int = 4
-    key_bits_sink_outlier: int = 8
-    value_bits_sink_outlier: int = 8
+    ema_decay: float = param(0.9, ge=0, lt=1)
+    attention_sink_size: int = param(4, ge=0)
+    key_bits_normal: int = param(4, choices=WIDTHS)
+    value_bits_normal: int = param(4, choices=WIDTHS)
+    key_bits_sink_outlier: int = param(8, choices=WIDTHS)
+    value_bits_sink_outlier: int = param(8, choices=WIDTHS)
     outlier_detection_enabled: bool = True
-    outlier_threshold_relative: float = 3.0
-    outlier_threshold_abs: float | None = None
-    value_quant_groups: int = 1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in ("key_bits_normal", "value_bits_normal", "key_bits_sink_outlier", "value_bits_sink_outlier"):
-            check_bits(f"quantizer.{key}", getattr(self, key), (2, 3, 4, 8, 16))
-        if not 0.0 <= float(self.ema_decay) < 1.0:
-            raise ConfigError(f"quantizer.ema_decay={self.ema_decay} must be in [0, 1)")
-        if not isinstance(self.attention_sink_size, int) or self.attention_sink_size < 0:
-            raise ConfigError(f"quantizer.attention_sink_size={self.attention_sink_size} must be an integer >= 0")
-        if float(self.outlier_threshold_relative) <= 0:
-            raise ConfigError(f"quantizer.outlier_threshold_relative={self.outlier_threshold_relative} must be > 0")
-        if not isinstance(self.value_quant_groups, int) or self.value_quant_groups < 0:
-            raise ConfigError(f"quantizer.value_quant_groups={self.value_quant_groups} must be an integer >= 0 "
-                              "(0 = per-channel)")
+    outlier_threshold_relative: float = param(3.0, gt=0)
+    outlier_threshold_abs: float | None = param(None, gt=0)
+    value_quant_groups: int = param(1, ge=0)
 
     def observe(self, keys: torch.Tensor, values: torch.Tensor, state: dict[str, Any]) -> None:
         ema_update(state, "a_k", keys.abs().amax(dim=-2, keepdim=True), self.ema_decay)

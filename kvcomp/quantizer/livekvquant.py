@@ -24,8 +24,8 @@ import torch
 
 from kvcomp.cache.quant import Sparse, quantize, split_outliers
 from kvcomp.cache.storage import Stored
-from kvcomp.errors import ConfigError
-from kvcomp.quantizer.base import Quantizer, check_bits
+from kvcomp.fields import param
+from kvcomp.quantizer.base import PACK_BITS, Quantizer
 from kvcomp.registry import QUANTIZERS
 
 
@@ -42,26 +42,12 @@ def clipped_ema(state: dict[str, Any], key: str, m: torch.Tensor, decay: float, 
 class LiveKVQuant(Quantizer):
     """INT-``bits`` chunks, clipped-EMA ranges, sparse fp16 outliers, fp16 warm-up chunks."""
 
-    bits: int = 4
-    ema_decay: float = 0.9
-    clip_factor: float = 2.0
-    outlier_scale: float = 1.0
-    warmup_chunks: int = 2
-    value_group_size: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_bits("quantizer.bits", self.bits)
-        if not 0.0 <= float(self.ema_decay) < 1.0:
-            raise ConfigError(f"quantizer.ema_decay={self.ema_decay} must be in [0, 1)")
-        if float(self.clip_factor) < 1.0:
-            raise ConfigError(f"quantizer.clip_factor={self.clip_factor} must be >= 1")
-        if float(self.outlier_scale) <= 0.0:
-            raise ConfigError(f"quantizer.outlier_scale={self.outlier_scale} must be > 0")
-        if not isinstance(self.warmup_chunks, int) or self.warmup_chunks < 0:
-            raise ConfigError(f"quantizer.warmup_chunks={self.warmup_chunks} must be an integer >= 0")
-        if not isinstance(self.value_group_size, int) or self.value_group_size < 0:
-            raise ConfigError(f"quantizer.value_group_size={self.value_group_size} must be an integer >= 0")
+    bits: int = param(4, choices=PACK_BITS)
+    ema_decay: float = param(0.9, ge=0, lt=1)
+    clip_factor: float = param(2.0, ge=1)
+    outlier_scale: float = param(1.0, gt=0)
+    warmup_chunks: int = param(2, ge=0)
+    value_group_size: int = param(0, ge=0)
 
     def init_state(self) -> dict[str, Any]:
         return {"chunks": 0}

@@ -11,14 +11,14 @@ Per-token widths from a precision policy replace ``key_bits``/``value_bits`` tok
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from kvcomp.cache.quant import quantize
 from kvcomp.cache.storage import Stored
-from kvcomp.errors import ConfigError
-from kvcomp.quantizer.base import Quantizer, check_axis, check_bits
+from kvcomp.fields import param
+from kvcomp.quantizer.base import WIDTHS, Quantizer
 from kvcomp.registry import QUANTIZERS
 
 
@@ -27,23 +27,12 @@ from kvcomp.registry import QUANTIZERS
 class Uniform(Quantizer):
     """INT-``key_bits`` keys and INT-``value_bits`` values (2, 3, 4 or 8; 16 = keep fp16)."""
 
-    key_bits: int = 4
-    value_bits: int = 4
-    key_axis: str = "token"
-    value_axis: str = "token"
-    key_group_size: int = 0
-    value_group_size: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_bits("quantizer.key_bits", self.key_bits, (2, 3, 4, 8, 16))
-        check_bits("quantizer.value_bits", self.value_bits, (2, 3, 4, 8, 16))
-        check_axis("quantizer.key_axis", self.key_axis)
-        check_axis("quantizer.value_axis", self.value_axis)
-        for key in ("key_group_size", "value_group_size"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or v < 0:
-                raise ConfigError(f"quantizer.{key}={v} must be an integer >= 0 (0 = the whole axis)")
+    key_bits: int = param(4, choices=WIDTHS)
+    value_bits: int = param(4, choices=WIDTHS)
+    key_axis: Literal["token", "channel"] = "token"
+    value_axis: Literal["token", "channel"] = "token"
+    key_group_size: int = param(0, ge=0)
+    value_group_size: int = param(0, ge=0)
 
     def widths(self, state: dict[str, Any]) -> tuple[int, int]:
         return self.key_bits, self.value_bits

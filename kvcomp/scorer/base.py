@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcomp.fields import param
+
 
 @dataclass
 class ScoreContext:
@@ -74,7 +76,7 @@ def pool1d(x: torch.Tensor, kernel: int) -> torch.Tensor:
 class Scorer:
     """Base scorer. ``query_window``: trailing queries needed (0 none, -1 all); ``needs_question``."""
 
-    query_window: int = 0
+    query_window: int = param(0, ge=-1)
     needs_question: bool = False
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcomp.errors import ConfigError
+from kvcomp.fields import param
 from kvcomp.registry import SCORERS
 from kvcomp.scorer.base import ScoreContext, Scorer, minmax, pool1d, stored_attention
 
@@ -35,25 +36,18 @@ from kvcomp.scorer.base import ScoreContext, Scorer, minmax, pool1d, stored_atte
 class PromptGuided(Scorer):
     """Defaults α 0.4, β 0.3, γ 0.3; the question guides every chunk."""
 
-    alpha: float = 0.4
-    beta: float = 0.3
-    gamma: float = 0.3
-    layer_decay: float = 0.5
-    pos_window: int = 64
-    pool_kernel: int = 7
+    alpha: float = param(0.4, ge=0)
+    beta: float = param(0.3, ge=0)
+    gamma: float = param(0.3, ge=0)
+    layer_decay: float = param(0.5, ge=0, le=1)
+    pos_window: int = param(64, gt=0)
+    pool_kernel: int = param(7, ge=1, where=lambda k: k % 2 == 1, what="odd")
     query_window: int = 0  # set from the question length at run time
     needs_question: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("alpha", "beta", "gamma"):
-            if not isinstance(getattr(self, key), int | float) or getattr(self, key) < 0:
-                raise ConfigError(f"scorer.{key}={getattr(self, key)} must be a number >= 0")
         if self.alpha + self.beta + self.gamma <= 0:
             raise ConfigError("scorer.alpha + scorer.beta + scorer.gamma must be > 0")
-        if not isinstance(self.pool_kernel, int) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
-            raise ConfigError(f"scorer.pool_kernel={self.pool_kernel} must be an odd integer >= 1")
-        if not 0 <= self.layer_decay <= 1:
-            raise ConfigError(f"scorer.layer_decay={self.layer_decay} must be in [0, 1]")
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         n = ctx.n_store

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcomp.fields import param
 from kvcomp.registry import SCORERS
 from kvcomp.scorer.base import ScoreContext, Scorer
 
@@ -15,7 +16,7 @@ from kvcomp.scorer.base import ScoreContext, Scorer
 class RandomScorer(Scorer):
     """Random importance (seeded)."""
 
-    seed: int = 0
+    seed: int = param(0, ge=0)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.layer_idx * 7919 + int(ctx.positions[0]))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcomp.errors import ConfigError
+from kvcomp.fields import param
 from kvcomp.registry import SCORERS
 from kvcomp.scorer.base import ScoreContext, Scorer, pool1d, stored_attention
 
@@ -22,15 +22,11 @@ from kvcomp.scorer.base import ScoreContext, Scorer, pool1d, stored_attention
 class SnapKV(Scorer):
     """Observation window ``window`` (32), pooling ``kernel`` (7)."""
 
-    window: int = 32
-    kernel: int = 7
+    window: int = param(32, gt=0)
+    kernel: int = param(7, ge=1, where=lambda k: k % 2 == 1, what="odd")
     needs_question: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.window, int) or self.window <= 0:
-            raise ConfigError(f"scorer.window={self.window} must be an integer > 0")
-        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ConfigError(f"scorer.kernel={self.kernel} must be an odd integer >= 1")
         self.query_window = self.window
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:

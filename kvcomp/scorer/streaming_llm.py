@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcomp.fields import param
 from kvcomp.registry import SCORERS
 from kvcomp.scorer.base import ScoreContext, Scorer
 
@@ -20,8 +21,8 @@ from kvcomp.scorer.base import ScoreContext, Scorer
 class StreamingLLM(Scorer):
     """``sink_tokens`` (4) sinks and a ``window`` (256) of recent tokens."""
 
-    sink_tokens: int = 4
-    window: int = 256
+    sink_tokens: int = param(4, ge=0)
+    window: int = param(256, ge=0)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         p = ctx.positions[: ctx.n_store].float()

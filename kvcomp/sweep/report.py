@@ -1,7 +1,8 @@
 """Collect run dirs (a single run, a multirun, a resumed or partial sweep) into one table.
 
 Every directory holding ``.hydra/config.yaml`` is a run: ``ok`` with ``metrics.json``, ``failed`` with
-``failed.json``, ``incomplete`` otherwise (killed). Columns: the config keys whose values differ between
+``failed.json``, ``incomplete`` otherwise (killed, or stopped by a signal: its ``status.json`` goes in
+``error``). Columns: the config keys whose values differ between
 runs, then the metrics. An ``optuna.db`` in the sweep dir adds each run's study, trial number and state.
 """
 
@@ -16,6 +17,8 @@ from typing import Any
 
 import yaml
 from tqdm.auto import tqdm
+
+from kvcomp.interrupt import describe
 
 METRICS = ("score", "objective", "kv_bytes", "kv_bytes_fp16", "compression_ratio", "memory_savings",
            "avg_key_bits", "avg_value_bits", "tokens_held", "tokens_dropped", "outlier_ratio", "ppl",
@@ -59,6 +62,8 @@ def collect(root: str | Path, progress: bool = True) -> list[Run]:
             run.status, run.metrics = "ok", json.loads((d / "metrics.json").read_text())
         elif (d / "failed.json").exists():
             run.status, run.error = "failed", json.loads((d / "failed.json").read_text()).get("error", "")
+        else:  # killed, or stopped by a signal (status.json says so and how far it got)
+            run.error = describe(d)
         runs.append(run)
     _attach_trials(root, runs)
     return runs

@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvcomp.errors import ConfigError
-
 
 @dataclass
 class Sample:
@@ -53,26 +51,22 @@ class Task:
         n = len(records)
         return {"score": round(100.0 * sum(r["score"] for r in records) / n, 2) if n else 0.0}
 
+    def positions_needed(self) -> tuple[int, str] | None:
+        """The longest prompt plus generation this task will ask of a model, in positions, and the config
+        keys that make it up (``"task.context_length=1500 + task.max_new_tokens=12"``), known before any
+        model or data loads; None if the task cannot tell. Checked against ``max_position_embeddings``."""
+        return span(("task.context_length", getattr(self, "context_length", None)),
+                    ("task.max_new_tokens", getattr(self, "max_new_tokens", None)))
+
     def artifacts(self, records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
         """Write extra files (plots) into the run dir; returns name -> path (logged as images)."""
         return {}
 
 
-def positive(key: str, value: Any, allow_zero: bool = False) -> None:
-    """Raise ConfigError unless ``value`` is a positive integer (or 0 when allowed)."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value > 0 or (allow_zero and value == 0))
-    if not ok:
-        raise ConfigError(f"{key}={value} must be an integer {'>= 0' if allow_zero else '> 0'}")
+def span(*parts: tuple[str, int | None]) -> tuple[int, str] | None:
+    """Sum of ``(key, value)`` parts and the words for it; None if the first part is unknown."""
+    if not parts or parts[0][1] is None:
+        return None
+    given = [(k, v) for k, v in parts if v is not None]
+    return sum(v for _, v in given), " + ".join(f"{k}={v}" for k, v in given)
 
-
-def fraction(key: str, value: Any) -> None:
-    if not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
-        raise ConfigError(f"{key}={value} must be a number in [0, 1]")
-
-
-def fractions(key: str, values: Any) -> None:
-    """Raise ConfigError unless ``values`` is a non-empty list of numbers in [0, 1]."""
-    if not isinstance(values, list | tuple) or not values:
-        raise ConfigError(f"{key} must be a non-empty list of numbers in [0, 1]")
-    for v in values:
-        fraction(key, v)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from kvcomp.errors import unknown_choice
+from kvcomp.fields import param
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task, fractions, positive
+from kvcomp.task.base import Sample, Task
 from kvcomp.task.haystack import _paragraphs
 from kvcomp.task.prompting import encode_prompt, encode_question
 
@@ -78,24 +78,15 @@ def kv_sample(tokenizer: Any, rng: random.Random, context_length: int, depth: fl
 class KVRetrieval(Task):
     """One sample per (depth, repeat) of the key among the pairs; greedy; exact value match."""
 
-    context_length: int = 1500
-    depths: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.8])
-    n_samples: int = 3
-    max_new_tokens: int = 40
-    key_style: str = "uuid"
-    value_style: str = "uuid"
+    context_length: int = param(1500, gt=0)
+    depths: list[float] = param(default_factory=lambda: [0.2, 0.5, 0.8], ge=0, le=1, min_len=1)
+    n_samples: int = param(3, gt=0)
+    max_new_tokens: int = param(40, gt=0)
+    key_style: str = param("uuid", choices=STYLES)
+    value_style: str = param("uuid", choices=STYLES)
     query_aware: bool = False
-    seed: int = 0
+    seed: int = param(0, ge=0)
     chat: bool = True
-
-    def __post_init__(self) -> None:
-        for key in ("key_style", "value_style"):
-            if getattr(self, key) not in STYLES:
-                raise unknown_choice(f"task.{key}", getattr(self, key), STYLES)
-        positive("task.context_length", self.context_length)
-        positive("task.n_samples", self.n_samples)
-        positive("task.max_new_tokens", self.max_new_tokens)
-        fractions("task.depths", self.depths)
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         rng = random.Random(self.seed)

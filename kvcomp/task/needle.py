@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvcomp.errors import ConfigError
+from kvcomp.fields import param
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task, fractions, positive
+from kvcomp.task.base import Sample, Task, span
 from kvcomp.task.haystack import haystack
 from kvcomp.task.prompting import encode_prompt, encode_question
 
@@ -72,25 +72,17 @@ def first_number_is(prediction: str, answer: str) -> float:
 class Needle(Task):
     """One sample per (context length, depth, repeat); greedy; ``artifacts`` writes the accuracy heatmap."""
 
-    context_lengths: list[int] = field(default_factory=lambda: [500, 1000, 2000])
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    n_repeats: int = 1
-    n_distractors: int = 2
-    max_new_tokens: int = 12
-    seed: int = 0
+    context_lengths: list[int] = param(default_factory=lambda: [500, 1000, 2000], gt=0, min_len=1)
+    depths: list[float] = param(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], ge=0, le=1, min_len=1)
+    n_repeats: int = param(1, gt=0)
+    n_distractors: int = param(2, ge=0, lt=len(CITIES))
+    max_new_tokens: int = param(12, gt=0)
+    seed: int = param(0, ge=0)
     chat: bool = True
 
-    def __post_init__(self) -> None:
-        if not self.context_lengths:
-            raise ConfigError("task.context_lengths must be a non-empty list of positive integers")
-        for n in self.context_lengths:
-            positive("task.context_lengths", n)
-        fractions("task.depths", self.depths)
-        positive("task.n_repeats", self.n_repeats)
-        positive("task.n_distractors", self.n_distractors, allow_zero=True)
-        if self.n_distractors >= len(CITIES):
-            raise ConfigError(f"task.n_distractors={self.n_distractors} must be < {len(CITIES)}")
-        positive("task.max_new_tokens", self.max_new_tokens)
+    def positions_needed(self) -> tuple[int, str] | None:
+        longest = max(self.context_lengths)
+        return span(("max(task.context_lengths)", longest), ("task.max_new_tokens", self.max_new_tokens))
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         rng = random.Random(self.seed)

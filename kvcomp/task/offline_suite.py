@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvcomp.errors import ConfigError, unknown_choice
+from kvcomp.fields import param
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task, positive
+from kvcomp.task.base import Sample, Task
 from kvcomp.task.kv_retrieval import KVRetrieval
 from kvcomp.task.needle import Needle, write_heatmap
 from kvcomp.task.passage_count import PassageCount
@@ -25,20 +25,13 @@ class OfflineSuite(Task):
     """Every subtask with its defaults except length, sample count, seed and chat; samples carry
     ``meta["subtask"]``; metrics ``score`` plus ``score_<subtask>`` (0-100)."""
 
-    context_length: int = 1000
-    n_samples: int = 3
-    subtasks: list[str] = field(default_factory=lambda: list(SUBTASKS))
-    seed: int = 0
+    context_length: int = param(1000, gt=0)
+    n_samples: int = param(3, gt=0)
+    subtasks: list[str] = param(default_factory=lambda: list(SUBTASKS), choices=SUBTASKS, min_len=1)
+    seed: int = param(0, ge=0)
     chat: bool = True
 
     def __post_init__(self) -> None:
-        positive("task.context_length", self.context_length)
-        positive("task.n_samples", self.n_samples)
-        if not self.subtasks:
-            raise ConfigError(f"task.subtasks must be a non-empty list of: {', '.join(SUBTASKS)}")
-        for s in self.subtasks:
-            if s not in SUBTASKS:
-                raise unknown_choice("task.subtasks", s, SUBTASKS)
         n, length, common = self.n_samples, self.context_length, {"seed": self.seed, "chat": self.chat}
         depths = [(i + 1) / (n + 1) for i in range(n)]
         built: dict[str, Task] = {
@@ -49,6 +42,9 @@ class OfflineSuite(Task):
             "passage_count": PassageCount(context_length=length, n_samples=n, **common),
         }
         self.tasks: dict[str, Task] = {s: built[s] for s in dict.fromkeys(self.subtasks)}
+
+    def positions_needed(self) -> tuple[int, str] | None:
+        return max((t.positions_needed() for t in self.tasks.values()), key=lambda p: p[0] if p else -1)
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         out = []

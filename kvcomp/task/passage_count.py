@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvcomp.errors import ConfigError
+from kvcomp.fields import param
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task, positive
+from kvcomp.task.base import Sample, Task
 from kvcomp.task.longbench import score_example
 from kvcomp.task.passage_retrieval import fill_paragraphs, labelled
 from kvcomp.task.prompting import encode_prompt, encode_question
@@ -32,20 +33,13 @@ ANSWER_PREFIX = "The final answer is: "
 class PassageCount(Task):
     """``n_samples`` prompts; each has between ``min_unique`` and all slots unique, the rest repeats."""
 
-    context_length: int = 1500
-    n_samples: int = 3
-    paragraph_tokens: int = 80
-    min_unique: int = 2
-    max_new_tokens: int = 32
-    seed: int = 0
+    context_length: int = param(1500, gt=0)
+    n_samples: int = param(3, gt=0)
+    paragraph_tokens: int = param(80, gt=0)
+    min_unique: int = param(2, gt=0)
+    max_new_tokens: int = param(32, gt=0)
+    seed: int = param(0, ge=0)
     chat: bool = True
-
-    def __post_init__(self) -> None:
-        positive("task.context_length", self.context_length)
-        positive("task.n_samples", self.n_samples)
-        positive("task.paragraph_tokens", self.paragraph_tokens)
-        positive("task.min_unique", self.min_unique)
-        positive("task.max_new_tokens", self.max_new_tokens)
 
     def make(self, tokenizer: Any, rng: random.Random) -> tuple[list[int], list[int], str, int]:
         """(prompt ids, question ids, answer, number of paragraphs shown) of one prompt."""

@@ -13,8 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from kvcomp.fields import param
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task, positive
+from kvcomp.task.base import Sample, Task
 from kvcomp.task.haystack import _paragraphs
 from kvcomp.task.longbench import score_example
 from kvcomp.task.prompting import encode_prompt, encode_question
@@ -65,20 +66,13 @@ def labelled(paragraphs: list[str], label: str = "Paragraph") -> str:
 class PassageRetrieval(Task):
     """``n_samples`` prompts of about ``context_length`` tokens; the answer is "Paragraph k"."""
 
-    context_length: int = 1500
-    n_samples: int = 3
-    paragraph_tokens: int = 80
-    abstract_sentences: int = 1
-    max_new_tokens: int = 32
-    seed: int = 0
+    context_length: int = param(1500, gt=0)
+    n_samples: int = param(3, gt=0)
+    paragraph_tokens: int = param(80, gt=0)
+    abstract_sentences: int = param(1, gt=0)
+    max_new_tokens: int = param(32, gt=0)
+    seed: int = param(0, ge=0)
     chat: bool = True
-
-    def __post_init__(self) -> None:
-        positive("task.context_length", self.context_length)
-        positive("task.n_samples", self.n_samples)
-        positive("task.paragraph_tokens", self.paragraph_tokens)
-        positive("task.abstract_sentences", self.abstract_sentences)
-        positive("task.max_new_tokens", self.max_new_tokens)
 
     def make(self, tokenizer: Any, rng: random.Random) -> tuple[list[int], list[int], str, int]:
         """(prompt ids, question ids, answer, number of paragraphs) of one prompt."""

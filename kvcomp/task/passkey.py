@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from kvcomp.fields import param
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task, fractions, positive
+from kvcomp.task.base import Sample, Task
 from kvcomp.task.haystack import haystack, insert_at_depth
 from kvcomp.task.prompting import encode_prompt, encode_question
 
@@ -26,18 +27,12 @@ class Passkey(Task):
     """``context_length`` tokens of haystack; one sample per (depth, repeat); greedy; score 1 if the
     first number in the answer equals the key."""
 
-    context_length: int = 1500
-    depths: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.8])
-    n_samples: int = 3
-    max_new_tokens: int = 12
-    seed: int = 0
+    context_length: int = param(1500, gt=0)
+    depths: list[float] = param(default_factory=lambda: [0.2, 0.5, 0.8], ge=0, le=1, min_len=1)
+    n_samples: int = param(3, gt=0)
+    max_new_tokens: int = param(12, gt=0)
+    seed: int = param(0, ge=0)
     chat: bool = True
-
-    def __post_init__(self) -> None:
-        positive("task.context_length", self.context_length)
-        positive("task.n_samples", self.n_samples)
-        positive("task.max_new_tokens", self.max_new_tokens)
-        fractions("task.depths", self.depths)
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         rng = random.Random(self.seed)

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from kvcomp.errors import ConfigError
+from kvcomp.fields import param
 from kvcomp.generation import Generation
 from kvcomp.profiler import MemoryProfiler, Timer
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task, positive
+from kvcomp.task.base import Sample, Task, span
 
 SOURCES = ("bundled", "hub")
 
@@ -48,17 +48,12 @@ def _token_ids(tokenizer: Any, source: str) -> tuple[int, ...]:
 class WikiText2PPL(Task):
     """``seq_len`` tokens per window, first ``max_windows`` windows (0 = all)."""
 
-    seq_len: int = 1024
-    max_windows: int = 64
-    source: str = "bundled"
+    seq_len: int = param(1024, ge=2)
+    max_windows: int = param(64, ge=0)
+    source: str = param("bundled", choices=SOURCES)
 
-    def __post_init__(self) -> None:
-        positive("task.seq_len", self.seq_len)
-        positive("task.max_windows", self.max_windows, allow_zero=True)
-        if self.seq_len < 2:
-            raise ConfigError(f"task.seq_len={self.seq_len} must be >= 2")
-        if self.source not in SOURCES:
-            raise ConfigError(f"task.source={self.source} is not one of: {', '.join(SOURCES)}")
+    def positions_needed(self) -> tuple[int, str] | None:
+        return span(("task.seq_len", self.seq_len))
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         ids = _token_ids(tokenizer, self.source)

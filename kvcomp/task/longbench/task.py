@@ -16,9 +16,9 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvcomp.errors import ConfigError, unknown_choice
+from kvcomp.fields import param
 from kvcomp.registry import TASKS
-from kvcomp.task.base import Sample, Task, positive
+from kvcomp.task.base import Sample, Task, span
 from kvcomp.task.longbench.data import check_local, load_rows
 from kvcomp.task.longbench.metrics import (
     DATASET_METRIC,
@@ -75,23 +75,16 @@ class LongBench(Task):
     """LongBench v1 tasks or groups (``subsets``), the first ``max_samples`` rows of each (all if null)."""
 
     subsets: list[str] = field(default_factory=lambda: ["all"])
-    max_samples: int | None = None
-    max_length: int = 3500
+    max_samples: int | None = param(None, gt=0)
+    max_length: int = param(3500, gt=0)
     data_dir: str | None = None
     e: bool = False
-    rouge_impl: str = "rouge"
+    rouge_impl: str = param("rouge", choices=ROUGE_IMPLS)
     chat: bool = True
-    seed: int = 0  # rows are taken in the official order and decoding is greedy: nothing here is random
+    seed: int = param(0, ge=0)  # rows are taken in the official order and decoding is greedy: nothing is random
 
     def __post_init__(self) -> None:
-        if not isinstance(self.e, bool):
-            raise ConfigError(f"task.e={self.e} must be true or false")
         self.datasets = expand_subsets(self.subsets, self.e)
-        if self.max_samples is not None:
-            positive("task.max_samples", self.max_samples)
-        positive("task.max_length", self.max_length)
-        if self.rouge_impl not in ROUGE_IMPLS:
-            raise unknown_choice("task.rouge_impl", self.rouge_impl, ROUGE_IMPLS)
         if self.data_dir not in (None, ""):
             check_local(self.data_dir, self.datasets, self.e)  # fail before the model loads
 
@@ -105,6 +98,10 @@ class LongBench(Task):
         body = middle_truncate(body, self.max_length)
         ids = wrap_prompt(tokenizer, body, self.chat and dataset not in NO_CHAT_TEMPLATE)
         return ids, encode_question(tokenizer, question_of(dataset, row))
+
+    def positions_needed(self) -> tuple[int, str] | None:
+        new = max(dataset2maxlen[d] for d in self.datasets)
+        return span(("task.max_length", self.max_length), ("the longest LongBench answer (max_new_tokens)", new))
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         """One sample per row; samsum also stops at a newline (pred.py's eos_token_id for it)."""
