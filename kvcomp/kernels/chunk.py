@@ -30,8 +30,8 @@ from kvcomp.kernels.tiles import dequantize_tokens, outliers_in
 #: CPU tiles through ATen's fused flash kernel (its exp is a fast approximation, ~1e-6 relative); False = exact
 #: float32 matmul + softmax, as the oracle computes
 FUSED_CPU = True
-#: largest history tile (tokens) dequantized at once; blocks are at most a prefill chunk long
-TILE = 1024
+#: most history tokens dequantized into the workspace at once (blocks shorter than this share a tile)
+TILE = 4096
 
 
 @dataclass
@@ -96,33 +96,36 @@ class Merge:
 
 
 def dequantize_tile(block: Stored, t0: int, t1: int, out: torch.Tensor) -> torch.Tensor:
-    """Tokens ``[t0, t1)`` of ``block`` as float32 ``[B, H, t1 - t0, D]`` (in ``out`` unless the block is a
-    float32 ``Dense`` one, returned as a view). Packed codes are sliced per row, not gathered."""
+    """Write tokens ``[t0, t1)`` of ``block`` into ``out`` float32 ``[B, H, t1 - t0, D]`` (a workspace slot:
+    any strides with a contiguous last dim) and return it. Packed codes are sliced per row, not gathered."""
     if isinstance(block, Dense):
-        x = block.data[..., t0:t1, :]
-        if x.dtype == torch.float32:
-            return x
-        out.copy_(x)
-        return out
-    if isinstance(block, Packed) and _sliceable(block):
+        out.copy_(block.data[..., t0:t1, :])
+    elif isinstance(block, Packed) and _sliceable(block):
         _packed_tile(block, t0, t1, out)
-        return out
-    if isinstance(block, Sparse):
+    elif isinstance(block, Sparse):
         dequantize_tile(block.base, t0, t1, out)
         idx, local = outliers_in(block.index, block.shape, t0, t1)
         if idx.numel():
-            out.view(-1)[local] = block.values[idx].float()
-        return out
-    if isinstance(block, ChannelSplit):
+            b, h, n, d = out.shape
+            bh, rem = local // (n * d), local % (n * d)
+            out[bh // h, bh % h, rem // d, rem % d] = block.values[idx].float()
+    elif isinstance(block, ChannelSplit):
         _channel_split_tile(block, t0, t1, out)
-        return out
-    return dequantize_tokens(block, t0, t1, out)
+    elif out.is_contiguous():
+        dequantize_tokens(block, t0, t1, out)
+    else:
+        out.copy_(dequantize_tokens(block, t0, t1))
+    return out
+
+
+def _per(bits: int) -> int:
+    return 8 if bits == 3 else 8 // bits
 
 
 def _sliceable(p: Packed) -> bool:
-    d = p.shape[-1]
-    per = 8 if p.bits == 3 else 8 // p.bits
-    return d % per == 0 and (p.axis == "channel" or d % p.group == 0)
+    b, h, _, d = p.shape
+    rows_ok = d % _per(p.bits) == 0 or b * h == 1
+    return rows_ok and (p.axis == "channel" or d % p.group == 0)
 
 
 _SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -131,39 +134,54 @@ _SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
 def _shifts(bits: int, device: torch.device) -> torch.Tensor:
     key = (bits, device)
     if key not in _SHIFTS:
-        per = 8 if bits == 3 else 8 // bits
-        _SHIFTS[key] = torch.arange(per, dtype=torch.int32, device=device) * bits
+        dtype = torch.int32 if bits == 3 else torch.uint8
+        _SHIFTS[key] = torch.arange(_per(bits), dtype=dtype, device=device) * bits
     return _SHIFTS[key]
+
+
+def _unpack_bytes(c: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed bytes ``[..., m]`` (``m`` whole words) -> codes ``[..., m * codes_per_byte]`` (uint8 or int32)."""
+    if bits == 8:
+        return c
+    if bits == 3:
+        w = c.unflatten(-1, (-1, 3)).int()
+        word = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16)
+        return ((word.unsqueeze(-1) >> _shifts(3, c.device)) & 7).flatten(-2)
+    return ((c.unsqueeze(-1) >> _shifts(bits, c.device)) & ((1 << bits) - 1)).flatten(-2)
+
+
+def _codes(p: Packed, t0: int, t1: int) -> torch.Tensor:
+    """Codes of tokens ``[t0, t1)`` as ``[B*H, n, D]`` (uint8 or int32), read from contiguous byte ranges."""
+    b, h, t, d = p.shape
+    bh, n, per = b * h, t1 - t0, _per(p.bits)
+    nb = 3 if p.bits == 3 else 1  # bytes per word
+    if d % per == 0:
+        c = p.codes.view(bh, t, d // per * nb)[:, t0:t1]
+        return _unpack_bytes(c, p.bits)
+    e0, e1 = t0 * d, t1 * d  # one (b, h) row: the tile is one flat element range
+    w0, w1 = e0 // per, -(-e1 // per)
+    flat = _unpack_bytes(p.codes[w0 * nb : w1 * nb], p.bits)
+    return flat[e0 - w0 * per : e0 - w0 * per + n * d].view(1, n, d)
 
 
 def _packed_tile(p: Packed, t0: int, t1: int, out: torch.Tensor) -> None:
     b, h, t, d = p.shape
-    bh, n = b * h, t1 - t0
-    if p.bits == 8:
-        code = p.codes.view(bh, t, d)[:, t0:t1]
-    elif p.bits == 3:
-        c = p.codes.view(bh, t, d // 8, 3)[:, t0:t1].int()
-        word = c[..., 0] | (c[..., 1] << 8) | (c[..., 2] << 16)
-        code = ((word.unsqueeze(-1) >> _shifts(3, c.device)) & 7).view(bh, n, d)
-    else:
-        per = 8 // p.bits
-        c = p.codes.view(bh, t, d // per)[:, t0:t1].int()
-        code = ((c.unsqueeze(-1) >> _shifts(p.bits, c.device)) & ((1 << p.bits) - 1)).view(bh, n, d)
-    o = out.view(bh, n, d)
+    n = t1 - t0
+    code = _codes(p, t0, t1).view(b, h, n, d)
+    ng = p.scale.shape[-2]
     if p.axis == "token":
-        ng = p.scale.shape[-2]
-        scale = p.scale.view(bh, t, ng, 1)[:, t0:t1].float()
-        zero = p.zero.view(bh, t, ng, 1)[:, t0:t1].float()
-        ov = o.view(bh, n, ng, d // ng)
-        torch.mul(code.view(bh, n, ng, d // ng), scale, out=ov)
+        g = d // ng
+        scale = p.scale.view(b, h, t, ng, 1)[:, :, t0:t1].float()
+        zero = p.zero.view(b, h, t, ng, 1)[:, :, t0:t1].float()
+        ov = out.unflatten(-1, (ng, g))
+        torch.mul(code.view(b, h, n, ng, g), scale, out=ov)
         ov.add_(zero)
         return
-    ng = p.scale.shape[-2]
     gi = torch.arange(t0, t1, device=p.codes.device) // p.group
-    scale = p.scale.view(bh, d, ng).index_select(-1, gi).float().transpose(-1, -2)  # [BH, n, D]
-    zero = p.zero.view(bh, d, ng).index_select(-1, gi).float().transpose(-1, -2)
-    torch.mul(code, scale, out=o)
-    o.add_(zero)
+    scale = p.scale.view(b, h, d, ng).index_select(-1, gi).float().transpose(-1, -2)  # [B, H, n, D]
+    zero = p.zero.view(b, h, d, ng).index_select(-1, gi).float().transpose(-1, -2)
+    torch.mul(code, scale, out=out)
+    out.add_(zero)
 
 
 def _channel_split_tile(c: ChannelSplit, t0: int, t1: int, out: torch.Tensor) -> None:
@@ -171,11 +189,11 @@ def _channel_split_tile(c: ChannelSplit, t0: int, t1: int, out: torch.Tensor) ->
     n = t1 - t0
     cols = c.cols.long()
     rest = _rest(c, h * d)
-    normal = dequantize_tile(c.normal, t0, t1, torch.empty(b, 1, n, h * d - cols.numel(), device=out.device))
-    special = dequantize_tile(c.special, t0, t1, torch.empty(b, 1, n, cols.numel(), device=out.device))
     flat = torch.empty(b, n, h * d, device=out.device)
-    flat.index_copy_(-1, rest, normal.reshape(b, n, -1))
-    flat.index_copy_(-1, cols, special.reshape(b, n, -1))
+    normal = dequantize_tile(c.normal, t0, t1, torch.empty(b, 1, n, rest.numel(), device=out.device))
+    special = dequantize_tile(c.special, t0, t1, torch.empty(b, 1, n, cols.numel(), device=out.device))
+    flat.index_copy_(-1, rest, normal.view(b, n, -1))
+    flat.index_copy_(-1, cols, special.view(b, n, -1))
     out.copy_(flat.view(b, n, h, d).transpose(1, 2))
 
 
@@ -209,19 +227,38 @@ class RopeTable:
         idx = positions.long()
         return self.cos.index_select(0, idx), self.sin.index_select(0, idx)
 
-    def apply_(self, x: torch.Tensor, positions: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-        """Rotate float32 ``x`` ``[B, H, n, D]`` to its positions: ``x*cos + rotate_half(x)*sin``, into ``tmp``."""
+    def apply_(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Rotate float32 ``x`` ``[B, H, n, D]`` to its positions, ``x*cos + rotate_half(x)*sin``, into ``out``
+        (same shape, e.g. a workspace slot; not ``x`` itself)."""
         cos, sin = self.lookup(positions)
         half = x.shape[-1] // 2
-        torch.mul(x, cos, out=tmp)
+        torch.mul(x, cos, out=out)
         rot = torch.empty_like(x)
         torch.mul(x[..., half:], sin[:, :half], out=rot[..., :half]).neg_()
         torch.mul(x[..., :half], sin[:, half:], out=rot[..., half:])
-        return tmp.add_(rot)
+        return out.add_(rot)
 
 
 def rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
+
+
+def tiles(history: History, cap: int) -> list[list[tuple[Stored, Stored, torch.Tensor, int, int]]]:
+    """The history cut into tiles of at most ``cap`` tokens, each a list of (k block, v block, positions, t0, t1)
+    pieces: small blocks share a tile (fewer kernel calls and merges), long blocks are split."""
+    out: list[list[tuple[Stored, Stored, torch.Tensor, int, int]]] = [[]]
+    room = cap
+    for kb, vb, pos in history.segments():
+        t, t0 = int(pos.numel()), 0
+        while t0 < t:
+            if room == 0:
+                out.append([])
+                room = cap
+            t1 = min(t, t0 + room)
+            out[-1].append((kb, vb, pos, t0, t1))
+            room -= t1 - t0
+            t0 = t1
+    return out if out[0] else []
 
 
 @torch.no_grad()
@@ -229,24 +266,31 @@ def chunk_attention(query: torch.Tensor, history: History, new_k: torch.Tensor, 
                     scale: float, rope: RopeTable | None, tile: int = TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` ``[B, Hq, n, D]`` over ``history`` then ``new_k``/``new_v`` ``[B, Hkv, n, D]``
     (causal). ``rope``: re-applies RoPE to stored (pre-RoPE) keys, None when keys are stored post-RoPE.
-    Returns (out ``[B, Hq, n, D]`` in ``query.dtype``, lse ``[B, Hq, n]`` float32)."""
+    ``tile``: most history tokens dequantized at once. Returns (out ``[B, Hq, n, D]`` in ``query.dtype``,
+    lse ``[B, Hq, n]`` float32)."""
     q = query.float()
     b, hkv, _, d = new_k.shape
     merge = Merge()
-    segs = history.segments()
-    if segs:
-        longest = min(tile, max(int(p.numel()) for _, _, p in segs))
-        ws = torch.empty(3, b * hkv * longest * d, device=q.device)
-        for kb, vb, pos in segs:
-            t = int(pos.numel())
-            for t0 in range(0, t, tile):
-                t1 = min(t, t0 + tile)
-                m = b * hkv * (t1 - t0) * d
-                k = dequantize_tile(kb, t0, t1, ws[0, :m].view(b, hkv, t1 - t0, d))
-                if rope is not None:
-                    k = rope.apply_(k, pos[t0:t1], ws[2, :m].view(b, hkv, t1 - t0, d))
-                v = dequantize_tile(vb, t0, t1, ws[1, :m].view(b, hkv, t1 - t0, d))
-                merge.add(*attend_pair(q, k, v, scale, causal=False))
+    plan = tiles(history, tile)
+    if plan:
+        cap = max(sum(t1 - t0 for *_, t0, t1 in pieces) for pieces in plan)
+        ws = torch.empty(2, b * hkv * cap * d, device=q.device)
+        longest = max(t1 - t0 for pieces in plan for *_, t0, t1 in pieces)
+        scratch = torch.empty(b * hkv * longest * d, device=q.device) if rope is not None else None
+        for pieces in plan:
+            m = sum(t1 - t0 for *_, t0, t1 in pieces)
+            k, v = ws[0, : b * hkv * m * d].view(b, hkv, m, d), ws[1, : b * hkv * m * d].view(b, hkv, m, d)
+            o = 0
+            for kb, vb, pos, t0, t1 in pieces:
+                n = t1 - t0
+                if rope is None:
+                    dequantize_tile(kb, t0, t1, k[:, :, o : o + n])
+                else:
+                    raw = dequantize_tile(kb, t0, t1, scratch[: b * hkv * n * d].view(b, hkv, n, d))
+                    rope.apply_(raw, pos[t0:t1], k[:, :, o : o + n])
+                dequantize_tile(vb, t0, t1, v[:, :, o : o + n])
+                o += n
+            merge.add(*attend_pair(q, k, v, scale, causal=False))
     merge.add(*attend_pair(q, new_k.float(), new_v.float(), scale, causal=True))
     assert merge.out is not None and merge.lse is not None
     return merge.out.to(query.dtype), merge.lse
