@@ -4,9 +4,14 @@ instance only for the run, and never building a full-precision copy of a layer's
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import compose
+from conftest import REPO, compose
 
 from kvcomp.cache.layer import CompressedLayer, materialized_attention
 from kvcomp.cache.quant import Packed
@@ -83,3 +88,47 @@ def test_no_full_precision_history(tiny, monkeypatch) -> None:
     with torch.inference_mode(), comp.session(model) as s:
         s.step(s.prefill(ids).argmax(-1)[:, None])
     assert s.cache.layers[0].seen == 301
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_decode_picks_the_self_checked_triton_kernel() -> None:
+    """Decode steps of a real run go through the Triton kernel where it is chosen (here: the interpreter, as
+    CUDA would), after its first-use self-check, and give the tiled path's logits; a failing self-check
+    falls back with one warning line."""
+    code = (
+        "import torch, warnings\n"
+        "from conftest import compose\n"
+        "from kvcomp.experiment import build_parts\n"
+        "from kvcomp.kernels import dispatch, triton_decode\n"
+        "from kvcomp.model import load_model\n"
+        "model, _ = load_model({'name': 'tiny_llama', 'source': 'random', 'device': 'cpu', 'dtype': 'float32'})\n"
+        "comp = build_parts(compose(['+experiment=kvquant_stream', 'compressor.chunk_size=64'])).compressor\n"
+        "ids = torch.randint(3, 250, (1, 150), generator=torch.Generator().manual_seed(0))\n"
+        "calls = []\n"
+        "orig = triton_decode.decode_attention_triton\n"
+        "def spy(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    return orig(*a, **k)\n"
+        "triton_decode.decode_attention_triton = spy\n"
+        "def run():\n"
+        "    with torch.inference_mode(), comp.session(model) as s:\n"
+        "        out = [s.prefill(ids)]\n"
+        "        for _ in range(2):\n"
+        "            out.append(s.step(out[-1].argmax(-1)[:, None]))\n"
+        "    return torch.stack(out)\n"
+        "dispatch.CHECK_CASES = ('uniform4', 'kvquant_stream')\n"
+        "fused = run()\n"
+        # the kernel ran in the 2 self-check cases, then in 2 decode steps x 4 layers
+        "assert dispatch._CHECKED == {'cpu': True} and len(calls) == 2 + 2 * 4, (dispatch._CHECKED, calls)\n"
+        "dispatch._CHECKED.clear(); calls.clear(); dispatch.TOLERANCE = -1.0\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    tiled = run()\n"
+        "assert len(calls) == 2 and len([x for x in w if 'self-check' in str(x.message)]) == 1, calls\n"
+        "print(float((fused - tiled).abs().max()))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "KVCOMP_TRITON_DECODE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert float(res.stdout.strip().splitlines()[-1]) < TOL

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.profiler import record_function
 from transformers.cache_utils import CacheLayerMixin
 
 from kvcomp.cache.rope import Rope, rotate
@@ -106,8 +107,13 @@ class CompressedLayer(CacheLayerMixin):
             raise RuntimeError(f"layer {self.layer_idx}: attend() without a preceding update()")
         hist, positions = self.pending
         self.pending = None
+        q_len = query.shape[-2]
         if impl == "materialize":
             out, lse = materialized_attention(self, query, key_states, value_states, positions, scale, window)
+        elif q_len == 1 and _triton_decode(query):  # a decode step on CUDA: the fused kernel (no scores needed)
+            from kvcomp.kernels import triton_decode
+
+            out, lse = triton_decode.decode_attention_triton(query, self, key_states, value_states, scale=scale), None
         else:
             out, lse = chunk_attention(query, hist, key_states, value_states, scale, self.owner.rope_table
                                        if self.rope is not None else None)
@@ -115,16 +121,19 @@ class CompressedLayer(CacheLayerMixin):
         return out
 
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor,
-               attn: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+               attn: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
         q = key_states.shape[-2]
         # the last `guide` tokens (a question appended to a prefill chunk) are attended to, never stored
         store = q - self.owner.run.guide_appended
-        scores = self.owner.run.score(self.layer_idx, key_states, positions, store, attn)
-        k_store = self.rope.invert(key_states, positions).to(key_states.dtype) if self.rope else key_states
+        with record_function("kvcomp::score"):
+            scores = self.owner.run.score(self.layer_idx, key_states, positions, store, attn)
+        with record_function("kvcomp::rope"):
+            k_store = self.rope.invert(key_states, positions).to(key_states.dtype) if self.rope else key_states
         self._append(k_store[..., :store, :], value_states[..., :store, :], positions[:store].to(torch.int32),
                      scores)
         self.seen += store
-        self._flush(decode=q == 1)
+        with record_function("kvcomp::quantize"):
+            self._flush(decode=q == 1)
 
     # -- storage -------------------------------------------------------------------------------------
     def materialize(self, new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None
@@ -289,3 +298,9 @@ def materialized_attention(layer: CompressedLayer, query: torch.Tensor, new_k: t
     lse = torch.logsumexp(s, dim=-1)
     out = torch.matmul(torch.exp(s - lse[..., None]), v)
     return out.to(query.dtype), lse
+
+
+def _triton_decode(query: torch.Tensor) -> bool:
+    from kvcomp.kernels.dispatch import use_triton_decode  # the kernels package imports this module
+
+    return use_triton_decode(query)

@@ -12,7 +12,8 @@ folded into a running (output, log-sum-exp) pair; the forward's own K/V are atte
 GQA: ``Hq`` query heads on ``Hkv`` KV heads, never repeated. On CPU each tile goes through ATen's fused
 flash kernel (``_scaled_dot_product_flash_attention_for_cpu``: output + log-sum-exp, GQA-aware); elsewhere
 a float32 matmul fallback computes the same pair. Returns the output and the log-sum-exp of every
-query (the scorers read attention weights from it without a second pass over the history).
+query (the scorers read attention weights from it without a second pass over the history). Profiler
+scopes ``kvcomp::dequantize`` / ``kvcomp::rope`` / ``kvcomp::attend`` name where the time goes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from kvcomp.cache.quant import ChannelSplit, Packed, Sparse
 from kvcomp.cache.rope import rotate_half
@@ -284,13 +286,19 @@ def chunk_attention(query: torch.Tensor, history: History, new_k: torch.Tensor, 
             for kb, vb, pos, t0, t1 in pieces:
                 n = t1 - t0
                 if rope is None:
-                    dequantize_tile(kb, t0, t1, k[:, :, o : o + n])
+                    with record_function("kvcomp::dequantize"):
+                        dequantize_tile(kb, t0, t1, k[:, :, o : o + n])
                 else:
-                    raw = dequantize_tile(kb, t0, t1, scratch[: b * hkv * n * d].view(b, hkv, n, d))
-                    rope.apply_(raw, pos[t0:t1], k[:, :, o : o + n])
-                dequantize_tile(vb, t0, t1, v[:, :, o : o + n])
+                    with record_function("kvcomp::dequantize"):
+                        raw = dequantize_tile(kb, t0, t1, scratch[: b * hkv * n * d].view(b, hkv, n, d))
+                    with record_function("kvcomp::rope"):
+                        rope.apply_(raw, pos[t0:t1], k[:, :, o : o + n])
+                with record_function("kvcomp::dequantize"):
+                    dequantize_tile(vb, t0, t1, v[:, :, o : o + n])
                 o += n
-            merge.add(*attend_pair(q, k, v, scale, causal=False))
-    merge.add(*attend_pair(q, new_k.float(), new_v.float(), scale, causal=True))
+            with record_function("kvcomp::attend"):
+                merge.add(*attend_pair(q, k, v, scale, causal=False))
+    with record_function("kvcomp::attend"):
+        merge.add(*attend_pair(q, new_k.float(), new_v.float(), scale, causal=True))
     assert merge.out is not None and merge.lse is not None
     return merge.out.to(query.dtype), merge.lse
