@@ -7,9 +7,16 @@ plus a question) relative to the full cache, median of ``--repeats``, configurat
 tokens that makes their kv_bytes match ``prompt_guided``'s on the same task samples
 (calibrated by a few secant steps on the task runs themselves), for the equal-bytes comparison.
 
-    python -m benchmarks.methods                  # offline suite (passkey, needle) at 4k, TTFT at 8k (~25 min)
+    python -m benchmarks.methods --no-ttft       # offline suite (passkey, needle) at 1k, 30 samples each
+    python -m benchmarks.methods --rows full_cache prompt_guided snapkv   # some rows (two processes: split them)
     python -m benchmarks.methods --subtasks passkey needle kv_retrieval passage_retrieval passage_count
     python -m benchmarks.methods --ttft-only      # TTFT columns alone (methods_ttft.md, ~10 min)
+
+Every row runs with ``task.fidelity=true`` into its own run dir under ``--runs`` (finished rows are read
+back, so rows can be split over processes and a killed run resumes); the full cache's answer log-probs are
+computed once (by the full_cache row) and reused from the on-disk store. Scores carry a 95 % interval
+(Wilson), and each row's paired difference to the full cache (bootstrap over the same samples); ``*`` marks
+a difference whose interval excludes 0. Add a row to ``ROWS`` (name -> experiment + overrides).
 
 The default subtasks are the offline tasks SmolLM2-135M solves with the full cache (README "Evaluation");
 on the other three its full-cache score is 0, so a ratio to it says nothing.
@@ -18,18 +25,28 @@ on the other three its full-cache score is 0, so a ratio to it says nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.common import compose, header, load, median, table, timed_prefill, wikitext_ids
+from benchmarks.quality import ci_cell, diff_cell, pair, run_row, slug, verdict
+from kvcomp.stats import half_width
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION = "What is the main topic of the text above? Answer in one sentence."
-VARIANTS = {"prompt_guided, propagation=none": ["propagation=none"]}
 BASE = ["full_cache", "kvquant_stream", "prompt_guided", "snapkv", "h2o", "streaming_llm", "fastkv"]
+#: the quality rows: name -> (experiment, overrides). Add a row here (e.g. a question-timing variant).
+ROWS: dict[str, tuple[str, list[str]]] = {
+    **{e: (e, []) for e in BASE},
+    "prompt_guided, propagation=none": ("prompt_guided", ["propagation=none"]),
+}
+#: equal-bytes rows: same quantizer as prompt_guided, keep ratio calibrated to prompt_guided's kv_bytes
+EQ_PEERS = ("snapkv@eq", "h2o@eq")
 
 
 def score(exp: str, task: list[str], extra: list[str]) -> dict[str, Any]:
@@ -105,76 +122,150 @@ def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="offline_suite")
     p.add_argument("--subtasks", nargs="+", default=["passkey", "needle"], help="for --task offline_suite")
-    p.add_argument("--context", type=int, default=4000)
-    p.add_argument("--samples", type=int, default=3, help="per subtask for offline_suite")
+    p.add_argument("--context", type=int, default=1000)
+    p.add_argument("--samples", type=int, default=30, help="per subtask for offline_suite (depths spread evenly)")
+    p.add_argument("--calib-samples", type=int, default=4, help="per subtask, for the @eq keep-ratio calibration")
+    p.add_argument("--rows", nargs="+", default=None, help=f"subset of: {', '.join([*ROWS, *EQ_PEERS])}")
     p.add_argument("--ttft-tokens", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no-ttft", action="store_true", help="skip the TTFT columns (see --ttft-only)")
+    p.add_argument("--runs", type=Path, default=Path("outputs/bench_methods"),
+                   help="one run dir per row (metrics.json + predictions.jsonl); finished rows are read back")
+    p.add_argument("--fresh", action="store_true", help="rerun rows whose run dir already finished")
+    p.add_argument("--only-finished", action="store_true", help="table of the rows already finished, run nothing")
     p.add_argument("--out", type=Path, default=RESULTS / "methods.md")
     p.add_argument("--ttft-only", action="store_true", help="only the TTFT columns, to methods_ttft.md")
+    p.add_argument("--model", nargs="*", default=[], help="extra overrides of every quality row (model=tiny_llama)")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
     if a.ttft_only:
         return ttft_only(a, argv)
-    task = [f"task={a.task}", f"task.context_length={a.context}", f"task.n_samples={a.samples}"]
-    if a.task == "offline_suite":
-        task.append(f"task.subtasks=[{','.join(a.subtasks)}]")
+    t_start = time.time()
+
+    def task(n: int, fidelity: bool = True) -> list[str]:
+        t = [f"task={a.task}", f"task.context_length={a.context}", f"task.n_samples={n}", f"task.fidelity={fidelity}",
+             *a.model]
+        return t + ([f"task.subtasks=[{','.join(a.subtasks)}]"] if a.task == "offline_suite" else [])
+
+    wanted = a.rows or [*ROWS, *EQ_PEERS]
     rows: dict[str, dict[str, Any]] = {}
-    for exp in BASE:
-        m = score(exp, task, [])
-        rows[exp] = {"experiment": exp, "score": m["score"], "bytes_ratio": m["kv_bytes_fp16"] / m["kv_bytes"],
-                     "kv_bytes": m["kv_bytes"], "extra": []}
-        print(f"  {exp:>15}: score {m['score']:.2f}  fp16/kv {rows[exp]['bytes_ratio']:.2f}", file=sys.stderr)
-    # ablation: where prompt_guided loses score (precision tiers alone, no propagation)
-    for name, extra in VARIANTS.items():
-        m = score("prompt_guided", task, extra)
-        rows[name] = {"experiment": name, "score": m["score"], "bytes_ratio": m["kv_bytes_fp16"] / m["kv_bytes"],
-                      "kv_bytes": m["kv_bytes"], "extra": extra}
-        print(f"  {name:>15}: score {m['score']:.2f}  fp16/kv {rows[name]['bytes_ratio']:.2f}", file=sys.stderr)
-    # equal-bytes peers: same quantizer as prompt_guided, keep ratio calibrated to its kv_bytes on these samples
+    skipped = []
     q = compose(["+experiment=prompt_guided"]).quantizer.name
-    for peer in ("snapkv", "h2o"):
-        base = [f"quantizer={q}", "compressor.chunk_size=512"]
-        keep, m = match_keep(peer, base, task, rows["prompt_guided"]["kv_bytes"])
-        name = f"{peer}@eq"
-        rows[name] = {"experiment": name, "score": m["score"], "bytes_ratio": m["kv_bytes_fp16"] / m["kv_bytes"],
-                      "kv_bytes": m["kv_bytes"], "extra": [*base, f"compressor.precision.keep_ratio={keep:.4f}"]}
-        print(f"  {name:>15}: score {m['score']:.2f}  fp16/kv {rows[name]['bytes_ratio']:.2f}", file=sys.stderr)
-    times = ttft(a.ttft_tokens, a.repeats)
+    for name in wanted:  # in the order given: the most informative rows first when time is short
+        if a.only_finished and not (a.runs / slug(name) / "metrics.json").exists():
+            skipped.append(name)
+            continue
+        if name in ROWS:
+            exp, extra = ROWS[name]
+        elif name in EQ_PEERS:  # same quantizer as prompt_guided, keep ratio calibrated to its kv_bytes
+            exp = name.split("@")[0]
+            done = a.runs / slug(name) / "overrides.json"
+            if done.exists() and not a.fresh:
+                extra = [o for o in json.loads(done.read_text()) if o.startswith(("quantizer=", "compressor."))]
+            else:
+                base = [f"quantizer={q}", "compressor.chunk_size=512"]
+                calib = task(a.calib_samples, fidelity=False)
+                keep, _ = match_keep(exp, base, calib, score("prompt_guided", calib, [])["kv_bytes"])
+                extra = [*base, f"compressor.precision.keep_ratio={keep:.4f}"]
+        else:
+            raise SystemExit(f"error: --rows {name} is not one of: {', '.join([*ROWS, *EQ_PEERS])}")
+        rows[name] = row(name, exp, extra, task(a.samples), a)
+    if "full_cache" not in rows or "prompt_guided" not in rows:
+        print(f"rows {', '.join(rows)} done in {a.runs}; rerun with all rows to write the table", file=sys.stderr)
+        return ""
+    times = {} if a.no_ttft else ttft(a.ttft_tokens, a.repeats)
     full = rows["full_cache"]
     for e, r in rows.items():
         r["score_rel"] = r["score"] / full["score"] if full["score"] else None
         if e in times:
             r["ttft_s"] = median(times[e])
             r["ttft_rel"] = r["ttft_s"] / median(times["full_cache"])
-    cols = [("experiment", "configuration", ""), ("bytes_ratio", "fp16 bytes / kv_bytes", ".2f"),
-            ("score", f"{a.task} score @{a.context}", ".2f"), ("score_rel", "score vs full", ".3f"),
-            ("ttft_s", f"TTFT s @{a.ttft_tokens}", ".2f"), ("ttft_rel", "TTFT vs full", ".2f")]
-    pg = rows["prompt_guided"]
-    goals = [
-        f"- [{'x' if pg['bytes_ratio'] >= 4.5 and (pg['score_rel'] or 0) >= 0.98 else ' '}] prompt_guided: "
-        f"kv_bytes {pg['bytes_ratio']:.2f}x smaller than fp16 (goal >= 4.5x) at {100 * (pg['score_rel'] or 0):.1f} % "
-        "of the full cache's score (goal >= 98 %)",
-        f"- [{'x' if pg['ttft_rel'] <= 0.65 else ' '}] prompt_guided with layer_ratio propagation: TTFT "
-        f"{pg['ttft_rel']:.2f}x the full cache at {a.ttft_tokens} tokens (goal <= 0.65x)",
-    ]
-    for peer in ("snapkv@eq", "h2o@eq"):
-        r = rows[peer]
-        equal = abs(r["kv_bytes"] / pg["kv_bytes"] - 1) <= 0.05
-        goals.append(f"- [{'x' if equal and pg['score'] >= r['score'] else ' '}] at equal kv_bytes (prompt_guided "
-                     f"{pg['bytes_ratio']:.2f}x vs {peer} {r['bytes_ratio']:.2f}x, "
-                     f"{'within' if equal else 'NOT within'} 5 %) prompt_guided {pg['score']:.2f} vs {peer} "
-                     f"{r['score']:.2f} ({' '.join(r['extra'])})")
-    per = f" per subtask ({', '.join(a.subtasks)})" if a.task == "offline_suite" else ""
-    settings = (f"SmolLM2-135M-Instruct fp32 on CPU, sdpa, chunks of 512; task {a.task} at {a.context} tokens, "
-                f"{a.samples} samples{per}; TTFT = prefill of {a.ttft_tokens} WikiText-2 tokens + a question, "
-                f"median of {a.repeats}; full cache unchunked.")
-    text = (header("Importance-based compression vs full cache", ["benchmarks.methods", *(argv or sys.argv[1:])])
-            + f"- settings: {settings}\n\n" + table(list(rows.values()), cols) + "\n\nGoals (issue 6):\n"
-            + "\n".join(goals) + "\n")
+    text = render(rows, a, argv, time.time() - t_start, skipped)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(text)
     print(text)
     return text
+
+
+def row(name: str, exp: str, extra: list[str], task: list[str], a: argparse.Namespace) -> dict[str, Any]:
+    """One table row: run (or read back) ``exp`` + ``extra`` on ``task`` with fidelity on."""
+    m, recs = run_row(name, [f"+experiment={exp}", *task, *extra], a.runs, resume=not a.fresh)
+    r = {"experiment": name, "score": m["score"], "bytes_ratio": m["kv_bytes_fp16"] / m["kv_bytes"],
+         "kv_bytes": m["kv_bytes"], "extra": extra, "metrics": m, "records": recs}
+    print(f"  {name:>15}: score {m['score']:.2f}  fp16/kv {r['bytes_ratio']:.2f}  kl_full {m.get('kl_full')}",
+          file=sys.stderr)
+    return r
+
+
+def render(rows: dict[str, dict[str, Any]], a: argparse.Namespace, argv: list[str] | None, wall_s: float,
+           skipped: list[str]) -> str:
+    """The markdown: settings, the table (``value ± half-width (n)``, paired differences vs the full cache),
+    paired differences between rows, and the goals."""
+    full = rows["full_cache"]
+    subs = a.subtasks if a.task == "offline_suite" else []
+    lines = ["| configuration | fp16 bytes / kv_bytes | score | "
+             + "".join(f"{s} | " for s in subs)
+             + "score − full [95 % CI] | kl_full (nats) | top1_agree | answer_nll − full [95 % CI] | TTFT vs full |",
+             "|---|" + "---:|" * (7 + len(subs))]
+    worst_hw = 0.0
+    for name, r in rows.items():
+        m, recs = r["metrics"], r["records"]
+        d_score = pair(recs, full["records"], "score", scale=100.0)
+        d_nll = pair(recs, full["records"], "answer_nll")
+        if name != "full_cache" and d_score.get("low") is not None:
+            worst_hw = max(worst_hw, half_width(d_score) or 0.0)
+        cells = [name, f"{r['bytes_ratio']:.2f}", ci_cell(m, "score"),
+                 *(ci_cell(m, f"score_{s}") for s in subs),
+                 "—" if name == "full_cache" else diff_cell(d_score),
+                 ci_cell(m, "kl_full", ".3g"), ci_cell(m, "top1_agree", ".3f"),
+                 "—" if name == "full_cache" else diff_cell(d_nll, "+.3f"),
+                 "—" if r.get("ttft_rel") is None else f"{r['ttft_rel']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    pg = rows["prompt_guided"]
+    between = ["| prompt_guided vs | score difference [95 % CI] | verdict | kl_full difference [95 % CI] |",
+               "|---|---:|---|---:|"]
+    for name, r in rows.items():
+        if name in ("prompt_guided", "full_cache"):
+            continue
+        ds = pair(pg["records"], r["records"], "score", scale=100.0)
+        dk = pair(pg["records"], r["records"], "kl_full")
+        between.append(f"| {name} | {diff_cell(ds)} | {verdict(ds)} | {diff_cell(dk, '+.3g')} |")
+    n_min = min((iv["n"] for r in rows.values() for k, iv in r["metrics"].get("ci", {}).items()
+                 if k.startswith("score_")), default=min(r["metrics"]["ci"]["score"]["n"] for r in rows.values()))
+    goals = [f"- [{'x' if n_min >= 30 else ' '}] n >= 30 per subtask per row (smallest: {n_min})",
+             f"- [{'x' if worst_hw <= 7 else ' '}] paired score differences to the full cache resolvable to 10 points "
+             f"(largest interval half-width {worst_hw:.1f} points; goal <= 7)"]
+    pg_rel = pg.get("score_rel") or 0.0
+    goals.append(f"- [{'x' if pg['bytes_ratio'] >= 4.5 and pg_rel >= 0.98 else ' '}] prompt_guided: kv_bytes "
+                 f"{pg['bytes_ratio']:.2f}x smaller than fp16 (goal >= 4.5x) at {100 * pg_rel:.1f} % of the full "
+                 "cache's score (goal >= 98 %); the paired difference and its interval are in the table")
+    for peer in EQ_PEERS:
+        if peer in rows:
+            r = rows[peer]
+            equal = abs(r["kv_bytes"] / pg["kv_bytes"] - 1) <= 0.05
+            ds = pair(pg["records"], r["records"], "score", scale=100.0)
+            goals.append(f"- at equal kv_bytes (prompt_guided {pg['bytes_ratio']:.2f}x vs {peer} "
+                         f"{r['bytes_ratio']:.2f}x, {'within' if equal else 'NOT within'} 5 %): prompt_guided − "
+                         f"{peer} = {diff_cell(ds)} points, {verdict(ds)} ({' '.join(r['extra'])})")
+    hits = sum(r["metrics"].get("fidelity_cache_hits", 0) for r in rows.values())
+    misses = sum(r["metrics"].get("fidelity_cache_misses", 0) for r in rows.values())
+    walls = ", ".join(f"{k} {r['metrics'].get('wall_s', float('nan')) / 60:.1f}" for k, r in rows.items())
+    per = f" per subtask ({', '.join(subs)}, depths (i+1)/(n+1))" if subs else ""
+    settings = (f"SmolLM2-135M-Instruct fp32 on CPU, sdpa, chunks of 512; task {a.task} at {a.context} tokens, "
+                f"{a.samples} samples{per}; greedy; full cache unchunked. Fidelity on: the gold answer is "
+                "teacher-forced after the prompt, one decode step per token; kl_full = mean KL(full ‖ method) over "
+                "the answer positions. Intervals: Wilson (exact-match rates), percentile bootstrap over samples "
+                "(2000 resamples, seed 0) for means and for paired differences (same samples, matched by id); "
+                f"`*` = the interval excludes 0. @eq keep ratios calibrated on {a.calib_samples} samples per subtask.")
+    ttft = ("" if a.no_ttft else f" TTFT = prefill of {a.ttft_tokens} WikiText-2 tokens + a question, median of "
+            f"{a.repeats}.")
+    return (header("Importance-based compression vs full cache", ["benchmarks.methods", *(argv or sys.argv[1:])])
+            + f"- settings: {settings}{ttft}\n"
+            + f"- full-cache log-probs: {hits} hit(s), {misses} miss(es) over all rows; wall time per row (min, "
+            f"1 thread, 2 shared cores): {walls}; whole benchmark {wall_s / 60:.1f} min\n"
+            + (f"- not run (out of time): {', '.join(skipped)}\n" if skipped else "") + "\n"
+            + "\n".join(lines) + "\n\nPaired differences between rows (same samples):\n\n" + "\n".join(between)
+            + "\n\nGoals (issues 6 and 16):\n" + "\n".join(goals) + "\n")
 
 
 if __name__ == "__main__":

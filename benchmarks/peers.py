@@ -169,7 +169,8 @@ def summarise(row: dict[str, Any], out: dict[str, Any], tasks: dict[int, Any], s
                       "kv_bytes_ppl": ppl_kv, "ppl": ppl,
                       "peak_rss_bytes": max(r["peak_rss_bytes"] for r in recs),
                       "ttft_s": sum(r["ttft_s"] for r in recs) / len(recs),
-                      "predictions": {r["id"]: r["tokens"] for r in recs}, "versions": out.get("versions", {})})
+                      "predictions": {r["id"]: r["tokens"] for r in recs}, "versions": out.get("versions", {}),
+                      "sample_scores": {r["id"]: r["score"] for r in recs}})
     return lines
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from benchmarks.common import table
 
 COLS = [("name", "configuration", ""), ("env", "env", ""), ("length", "tokens", ""),
-        ("kv_mib", "kv MiB held", ".2f"), ("score", "suite score", ".1f"), ("ppl", "PPL", ".3f"),
+        ("kv_mib", "kv MiB held", ".2f"), ("score_ci", "suite score ± 95 % (n)", ""), ("ppl", "PPL", ".3f"),
         ("kv_ppl_mib", "kv MiB (PPL ctx)", ".2f"), ("rss_mib", "peak prefill RSS MiB", ".0f"),
         ("ttft_s", "TTFT s", ".2f")]
 CSV_KEYS = ["name", "system", "env", "length", "score", "score_passkey", "score_needle", "score_kv_retrieval",
@@ -46,6 +46,28 @@ def identity_check(rows: list[dict[str, Any]]) -> str:
                      f"samples; transformers {a['versions'].get('transformers')} vs "
                      f"{b['versions'].get('transformers')}); PPL {a['ppl']} vs {b['ppl']}")
     return "\n".join(lines) or "- full-cache rows missing: no identity check"
+
+
+def equal_bytes_verdicts(rows: list[dict[str, Any]]) -> str:
+    """Per length, every kvcomp row against every kvpress row holding the same kv_bytes (±5 %): the paired
+    score difference over the same samples with its 95 % bootstrap interval, and better / worse /
+    indistinguishable (the interval excludes 0 or not)."""
+    from kvcomp.stats import paired
+
+    ok = [r for r in rows if "error" not in r and r.get("sample_scores")]
+    out = []
+    for length in sorted({r["length"] for r in ok}):
+        at = [r for r in ok if r["length"] == length]
+        for c in (r for r in at if r["system"] == "kvcomp"):
+            for p in (r for r in at if r["system"].startswith("kvpress")):
+                if abs(c["kv_bytes"] / p["kv_bytes"] - 1) > 0.05:
+                    continue
+                ids = [i for i in c["sample_scores"] if i in p["sample_scores"]]
+                d = paired([c["sample_scores"][i] for i in ids], [p["sample_scores"][i] for i in ids], scale=100.0)
+                word = ("indistinguishable" if not d["significant"] else "better" if d["mean"] > 0 else "worse")
+                out.append(f"- {length}: {c['name']} − {p['name']} = {d['mean']:+.1f} [{d['low']:+.1f}, "
+                           f"{d['high']:+.1f}] points (n={d['n']}): kvcomp {word}")
+    return "\n".join(out) or "- no kvcomp row within 5 % of a kvpress row's kv_bytes"
 
 
 def goals(rows: list[dict[str, Any]]) -> str:
@@ -120,9 +142,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def write_report(rows: list[dict[str, Any]], out_dir: Path, head: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    from kvcomp.stats import fmt, interval
+
     for r in rows:
         if "error" not in r:
             r["kv_mib"], r["rss_mib"] = r["kv_bytes"] / 2**20, r["peak_rss_bytes"] / 2**20
+            scores = list((r.get("sample_scores") or {}).values())
+            r["score_ci"] = fmt(interval(scores, scale=100.0), ".1f") if scores else f"{r['score']:.1f}"
             r["kv_ppl_mib"] = r["kv_bytes_ppl"] / 2**20 if r.get("kv_bytes_ppl") else None
     versions = {f"{k} ({r['env']})": v for r in rows for k, v in r.get("versions", {}).items()}
     errors = "\n".join(f"- {r['name']}: {r['error']}" for r in rows if "error" in r)
@@ -133,7 +159,9 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, head: str) -> None:
             "buffers return to the OS when freed); TTFT: prefill + first decode step. Decoding passes absolute "
             "position ids (as kvpress's pipeline does), so evicting caches keep their RoPE positions.\n\n"
             + table(rows, COLS) + "\n\nSame-prompt check:\n" + identity_check(rows)
-            + "\n\nGoals (issue 9):\n" + goals(rows) + "\n" + (f"\nFailed rows:\n{errors}\n" if errors else ""))
+            + "\n\nEqual bytes, paired over the same samples (95 % bootstrap interval of the score difference):\n"
+            + equal_bytes_verdicts(rows) + "\n\nGoals (issue 9):\n" + goals(rows) + "\n"
+            + (f"\nFailed rows:\n{errors}\n" if errors else ""))
     (out_dir / "peers.md").write_text(text)
     with (out_dir / "peers.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")

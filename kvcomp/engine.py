@@ -34,17 +34,35 @@ class Engine:
 
     def generate(
         self, prompt_ids: list[int], max_new_tokens: int, question_ids: list[int] | None = None,
-        extra_stop_ids: list[int] | None = None,
+        extra_stop_ids: list[int] | None = None, teacher_ids: list[int] | None = None,
     ) -> tuple[str, Generation]:
         """Greedy text after the prompt. ``extra_stop_ids`` end generation too, but only from the second new
-        token on (as LongBench's ``min_length=prompt+1``: the first token is never a stop token then)."""
+        token on (as LongBench's ``min_length=prompt+1``: the first token is never a stop token then).
+        ``teacher_ids``: also teacher-force them after the prompt (``Generation.forced``, see fidelity)."""
         ids = torch.tensor([prompt_ids], device=self.device)
         stops = self.stop_ids | set(extra_stop_ids or ())
         q = torch.tensor([question_ids], device=self.device) if question_ids else None
         with self.compressor.session(self.model, q) as s:
-            gen = greedy_generate(s, ids, max_new_tokens, stops, min_new_tokens=1 if extra_stop_ids else 0)
+            gen = greedy_generate(s, ids, max_new_tokens, stops, min_new_tokens=1 if extra_stop_ids else 0,
+                                  teacher_ids=teacher_ids)
         toks = gen.tokens[:-1] if gen.tokens and gen.tokens[-1] in stops else gen.tokens
         return self.tokenizer.decode(toks, skip_special_tokens=True), gen
+
+    def teacher_forced(self, prompt_ids: list[int], target_ids: list[int], question_ids: list[int] | None = None
+                       ) -> tuple[torch.Tensor, Generation]:
+        """Prefill ``prompt_ids`` through the compressor (timed), then teacher-force ``target_ids`` as decode
+        steps; returns their log-probs [m, V] and the prefill's Generation (no generated tokens)."""
+        from kvcomp.fidelity import teacher_force
+        from kvcomp.profiler import MemoryProfiler, Timer
+
+        ids = torch.tensor([prompt_ids], device=self.device)
+        q = torch.tensor([question_ids], device=self.device) if question_ids else None
+        with self.compressor.session(self.model, q) as s:
+            with MemoryProfiler(device=self.device) as prof, Timer(self.device) as t:
+                last = s.prefill(ids)
+            stats = s.stats()
+            logp = teacher_force(self.model, s.cache, last, target_ids)
+        return logp, Generation([], len(prompt_ids), t.s, 0.0, prof.result, stats)
 
     @staticmethod
     def perf_record(gen: Generation) -> dict[str, Any]:

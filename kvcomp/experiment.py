@@ -29,6 +29,7 @@ from kvcomp.fields import bind
 from kvcomp.model import ModelConfig, load_model
 from kvcomp.preflight import check_context, check_settings
 from kvcomp.registry import COMPRESSORS, LOGGERS, PROPAGATORS, QUANTIZERS, SCORERS, TASKS
+from kvcomp.stats import FIDELITY_KEYS, paired_vs_baseline, run_intervals
 
 log = logging.getLogger(__name__)
 MEAN_KEYS = ("ttft_s", "decode_s", "tokens_per_s", "avg_rss_bytes", "kv_bytes", "kv_bytes_fp16",
@@ -71,6 +72,11 @@ def build_parts(cfg: DictConfig | dict[str, Any]) -> Parts:
     parts = {k: v for k, v in parts.items() if k in _accepts(c["compressor"])}
     compressor = COMPRESSORS.build(c["compressor"], "compressor", **parts)
     task = TASKS.build(c["task"], "task")
+    spec = c.get("objective", "score")
+    wanted = [str(x) for x in (spec if isinstance(spec, list | tuple) else [spec])]
+    if not getattr(task, "fidelity", False) and any(w in FIDELITY_KEYS for w in wanted):
+        raise ConfigError(f"objective={spec} is a fidelity metric; set task.fidelity=true (or use a "
+                          "hpo/*_fidelity preset)")
     logger = LOGGERS.build(c.get("logger") or {"name": "none"}, "logger")
     return Parts(bind(ModelConfig, c["model"], "model"), compressor, task, logger)
 
@@ -115,6 +121,7 @@ def aggregate(task: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Task metrics + performance/cache metrics over samples (means; peaks are maxima)."""
     m: dict[str, Any] = {"n_samples": len(records)}
     m.update(task.aggregate(records))
+    m.update(run_intervals(records))  # n and a 95 % interval for score and the fidelity metrics
     for k in MEAN_KEYS:
         vals = [r[k] for r in records if r.get(k) is not None]
         if vals:
@@ -148,6 +155,7 @@ def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) 
     out = Path(output_dir) if output_dir is not None else None
     name = str(c.get("exp_name", "run"))
     model, tok = load_model(parts.model)
+    parts.compressor.check(model)  # model x method refused here, as kvcomp.compress does, before any prefill
     parts.logger.start(c, out, name)
     ok, records, stop = False, [], interrupt.install()
     try:
@@ -156,7 +164,11 @@ def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) 
         records = evaluate(engine, parts.task, samples, desc=name)
         metrics = {"task": c["task"]["name"], "experiment": name, **aggregate(parts.task, records)}
         if c.get("compare_baseline"):
-            metrics.update(_baseline(model, tok, parts.task, samples, metrics))
+            metrics.update(_baseline(model, tok, parts.task, samples, metrics, records))
+        if parts.task.fidelity:
+            metrics.update(parts.task.fidelity_stats())
+            log.info("fidelity: full-cache log-probs %d hit(s), %d miss(es) in %s", metrics["fidelity_cache_hits"],
+                     metrics["fidelity_cache_misses"], metrics["fidelity_cache_dir"])
         metrics["objective"] = objective(metrics, c.get("objective", "score"), c.get("budget_kv_bytes"))
         images = parts.task.artifacts(records, out) if out is not None else {}
         if out is not None:
@@ -177,11 +189,15 @@ def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) 
         parts.logger.finish(ok)
 
 
-def _baseline(model: Any, tok: Any, task: Any, samples: list[Any], m: dict[str, Any]) -> dict[str, Any]:
-    """Full cache on the same samples: quality retention and TTFT speed-up, plus a side-by-side table."""
+def _baseline(model: Any, tok: Any, task: Any, samples: list[Any], m: dict[str, Any],
+              records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Full cache on the same samples: quality retention and TTFT speed-up, the paired difference of the
+    per-sample scores (with its interval), plus a side-by-side table."""
     full = COMPRESSORS.build({"name": "none"}, "compressor")
-    b = aggregate(task, evaluate(Engine(model, tok, full), task, samples, desc="baseline"))
+    base = evaluate(Engine(model, tok, full), task, samples, desc="baseline")
+    b = aggregate(task, base)
     res = {
+        **paired_vs_baseline(records, base),
         "baseline_score": b["score"],
         "quality_retention": m["score"] / b["score"] if b["score"] else None,
         "ttft_speedup": b["ttft_s"] / m["ttft_s"] if m.get("ttft_s") else None,
@@ -190,6 +206,7 @@ def _baseline(model: Any, tok: Any, task: Any, samples: list[Any], m: dict[str, 
         "baseline_kv_bytes": b.get("kv_bytes"),
         "baseline_kv_bytes_fp16": b.get("kv_bytes_fp16"),
         "baseline_peak_rss_bytes": b.get("peak_rss_bytes"),
+        "baseline_ci": b.get("ci", {}),
     }
     rows = [("score", b["score"], m["score"]), ("ttft_s", b.get("ttft_s"), m.get("ttft_s")),
             ("kv_bytes", b.get("kv_bytes"), m.get("kv_bytes")),

@@ -20,6 +20,8 @@ class Generation:
     decode_s: float
     memory: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
+    #: with ``teacher_ids``: log-probs [m, V] of the next token at each teacher-forced answer position
+    forced: torch.Tensor | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -30,20 +32,30 @@ class Generation:
 
 @torch.inference_mode()
 def greedy_generate(session: Any, input_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int],
-                    min_new_tokens: int = 0) -> Generation:
+                    min_new_tokens: int = 0, teacher_ids: list[int] | None = None) -> Generation:
     """Greedy decoding after the ``session``'s chunked prefill. TTFT = prefill + first token; memory = during
-    prefill. With ``min_new_tokens`` >= 1 the first token is never a stop token (their logits are masked)."""
+    prefill. With ``min_new_tokens`` >= 1 the first token is never a stop token (their logits are masked).
+    With ``teacher_ids``, the cache state after the prefill is kept (outside the timers) and, after decoding,
+    restored to teacher-force those ids one decode step each (``Generation.forced``)."""
+    from kvcomp import fidelity
+
     device = input_ids.device
     with MemoryProfiler(device=device) as prof, Timer(device) as t_first:
         logits = session.prefill(input_ids)
+        first = logits
         if min_new_tokens > 0 and stop_ids:
             logits = logits.clone()
             logits[:, sorted(stop_ids)] = float("-inf")
         nxt = logits.argmax(-1)
     stats = session.stats()
+    state = fidelity.snapshot(session.cache) if teacher_ids else None
     tokens = [int(nxt[0])]
     with Timer(device) as t_dec:
         while len(tokens) < max_new_tokens and tokens[-1] not in stop_ids:
             nxt = session.step(nxt[:, None]).argmax(-1)
             tokens.append(int(nxt[0]))
-    return Generation(tokens, input_ids.shape[1], t_first.s, t_dec.s, prof.result, stats)
+    forced = None
+    if state is not None and teacher_ids:
+        fidelity.restore(session.cache, state)
+        forced = fidelity.teacher_force(session.model, session.cache, first, teacher_ids)
+    return Generation(tokens, input_ids.shape[1], t_first.s, t_dec.s, prof.result, stats, forced)

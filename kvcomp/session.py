@@ -138,9 +138,9 @@ class Session:
         return pos.to(device)
 
     def score(self, layer_idx: int, new_keys: torch.Tensor, positions: torch.Tensor, n_store: int,
-              attn: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+              attn: tuple[torch.Tensor, torch.Tensor, float] | None) -> torch.Tensor | None:
         """Importance [n_store] of the stored new tokens (None without a scorer or during decode). ``attn``:
-        (post-RoPE queries ``[B, Hq, q, D]``, their log-sum-exp over everything they attended to)."""
+        (post-RoPE queries ``[B, Hq, q, D]``, their log-sum-exp over everything they attended to, the softmax scale)."""
         if self.scoring is None or new_keys.shape[-2] == 1:
             return None
         s = self.scoring.score(self.cache, layer_idx, new_keys, positions, n_store, attn, self.prompt_len)

@@ -246,9 +246,10 @@ def test_longbench_e_and_rouge_score_in_process(tmp_path: Path) -> None:
     hub_zip(tmp_path, tasks=("multi_news",), suffix="_e")  # v1 rows under the _e name: enough for the plumbing
     cfg = compose(["model=tiny_llama", "+experiment=longbench_english", f"task.data_dir={tmp_path}", "task.e=true",
                    "task.subsets=[multi_news]", "task.max_samples=2", "task.max_length=128",
-                   "task.rouge_impl=rouge_score"])
+                   "task.rouge_impl=rouge_score", "task.fidelity=true", f"task.fidelity_cache_dir={tmp_path / 'fid'}"])
     m = run(cfg)
     assert m["n_samples"] == 2 and m["experiment"] == "longbench_english"
+    assert m["ci"]["kl_full"]["n"] == 2 and m["fidelity_cache_misses"] == 2  # gold summaries teacher-forced
     assert {"score_multi_news", "score_rouge_score", "score_multi_news_rouge_score", "score_0-4k",
             "score_multi_news_0-4k", "score_multi_news_8k+"} <= set(m)
 

@@ -16,7 +16,7 @@ from conftest import REPO, compose
 from kvcomp.cache.layer import CompressedLayer, materialized_attention
 from kvcomp.cache.quant import Packed
 from kvcomp.kernels import interface
-from kvcomp.kernels.chunk import RopeTable, chunk_attention
+from kvcomp.kernels.chunk import chunk_attention
 from kvcomp.kernels.selfcheck import CASES, build_layer
 
 TOL = 1e-4  # float32
@@ -33,8 +33,7 @@ def test_chunk_attention_equals_oracle_on_every_block_type(case: str, n: int) ->
     k, v = torch.randn(1, 2, n, 32, generator=g), torch.randn(1, 2, n, 32, generator=g)
     pos = torch.arange(layer.seen, layer.seen + n)
     want, want_lse = materialized_attention(layer, q, k, v, pos, 32**-0.5)
-    rope = RopeTable(layer.rope.rotary) if layer.rope is not None else None
-    got, lse = chunk_attention(q, layer.history(), k, v, 32**-0.5, rope, tile=16)
+    got, lse = chunk_attention(q, layer.history(), k, v, 32**-0.5, layer.rope, tile=16)
     assert float((got - want).abs().max()) < TOL and float((lse - want_lse).abs().max()) < TOL
 
 

@@ -102,3 +102,26 @@ def test_bad_dir_is_one_error_line(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=120)
         lines = [x for x in r.stderr.splitlines() if x.strip()]
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+def test_report_shows_intervals_and_paired_difference_to_best(tmp_path: Path) -> None:
+    """``value ± half-width (n)`` cells, ``*`` on a significant difference to the full cache, and each run's
+    paired score difference to the best run over the same samples (predictions.jsonl)."""
+    from kvcomp.stats import paired_vs_baseline, run_intervals
+    from runners.report import main
+
+    root = tmp_path / "sw"
+    full = [{"id": f"s{i}", "score": 1.0, "kl_full": 0.0} for i in range(40)]
+    for name, hits in (("0", 40), ("1", 38), ("2", 20)):
+        recs = [{"id": f"s{i}", "score": float(i < hits), "kl_full": 0.01 * (40 - hits) + 0.001 * i}
+                for i in range(40)]
+        m = {**metrics(100.0 * hits / 40, 1000.0, 4.0), **run_intervals(recs), **paired_vs_baseline(recs, full)}
+        fake_run(root / name, 64 * (1 + int(name)), 200, m)
+        (root / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main([str(root)]) == 0
+    md = (root / "report" / "report.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert "100.0 ± 4.4 (40)" in rows["0"] and "50.0 ± 14.8 (40) *" in rows["2"]
+    assert "| best |" in rows["0"] and rows["2"].rstrip(" |").endswith("*") and "(40)" in rows["1"]
+    csv_head = (root / "report" / "runs.csv").read_text().splitlines()[0]
+    assert "score_low" in csv_head and "kl_full_high" in csv_head and "score_vs_best" in csv_head

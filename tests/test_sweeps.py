@@ -88,6 +88,26 @@ def test_optuna_presets_record_trials(tmp_path: Path, preset: str, n_dirs: int) 
 
 
 @pytest.mark.slow
+def test_fidelity_sweep_minimises_kl_and_reuses_baseline(tmp_path: Path) -> None:
+    """hpo/nsga2_fidelity optimises [kl_full, kv_bytes]; a second sweep (same seed: same trials) over the same
+    fidelity store computes no full-cache log-probs again (every lookup a hit)."""
+    import json
+
+    store = f"task.fidelity_cache_dir={tmp_path / 'fid'}"
+    for name in ("a", "b"):
+        sweep = tmp_path / name
+        r = multirun(["+sweeps=hpo/nsga2_fidelity", *SMOKE, "hydra.sweeper.n_trials=2", store,
+                      f"hydra.sweep.dir={sweep}"], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        ts = trials(sweep, "hpo_nsga2_fidelity")
+        assert states(ts) == {"COMPLETE": 2} and all(len(t.values) == 2 for t in ts)
+        ms = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
+        assert [t.values for t in sorted(ts, key=lambda t: t.number)] == [[m["kl_full"], m["kv_bytes"]] for m in ms]
+        if name == "b":
+            assert all(m["fidelity_cache_misses"] == 0 and m["fidelity_cache_hits"] > 0 for m in ms)
+
+
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
     from kvcomp.sweep.study import INTERRUPTED, RUN_DIR
 
@@ -205,11 +225,13 @@ def test_two_workers_on_postgresql(tmp_path: Path) -> None:
 # --- presets compose and name keys that exist (no model runs) --------------------------------------
 
 NOW = [["+sweeps=ablation/smoke"], ["+sweeps=ablation/chunking"], ["+sweeps=ablation/quantization_bits"],
-       *[[f"+sweeps=hpo/{p}", f"sweeps/space={s}"] for p in ("random", "tpe", "cmaes", "nsga2", "compare_all")
+       *[[f"+sweeps=hpo/{p}", f"sweeps/space={s}"] for p in ("random", "tpe", "cmaes", "nsga2", "compare_all",
+                                                             "tpe_fidelity", "nsga2_fidelity")
          for s in ("smoke", "quantizer")]]
 METHOD = [[f"+sweeps=ablation/{p}"] for p in ("component", "importance_weights", "precision_thresholds",
                                               "propagation_ratios", "comprehensive")]
-METHOD += [[f"+sweeps=hpo/{p}"] for p in ("random", "tpe", "cmaes", "nsga2", "compare_all")]
+METHOD += [[f"+sweeps=hpo/{p}"] for p in ("random", "tpe", "cmaes", "nsga2", "compare_all", "tpe_fidelity",
+                                          "nsga2_fidelity")]
 
 
 def _compose(overrides: list[str]):

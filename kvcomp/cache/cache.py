@@ -10,8 +10,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvcomp.cache.layer import CompressedLayer
-from kvcomp.cache.rope import Rope, find_rotary
-from kvcomp.kernels.chunk import RopeTable
+from kvcomp.cache.rope import Rope
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
@@ -29,7 +28,7 @@ class RunHooks(Protocol):
         ...
 
     def score(self, layer_idx: int, new_keys: torch.Tensor, positions: torch.Tensor, n_store: int,
-              attn: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+              attn: tuple[torch.Tensor, torch.Tensor, float] | None) -> torch.Tensor | None:
         """Importance [n_store] of the stored new tokens, or None."""
         ...
 
@@ -63,13 +62,14 @@ class CompressedCache(Cache):
     the run the cache is bound to (``bind``; ``RunHooks``), by default ``Standalone``."""
 
     def __init__(self, model: Any, quantizer: Quantizer) -> None:
-        n_layers = model.config.num_hidden_layers
-        rotary = find_rotary(model)
-        if quantizer.pre_rope and rotary is None:
-            raise ValueError("quantizer.pre_rope=true needs a model with a rotary_emb module; set it to false")
-        self.rope = Rope(rotary) if rotary is not None else None
-        self.rope_table = RopeTable(rotary) if rotary is not None else None
-        layers = [CompressedLayer(i, quantizer, self.rope, self) for i in range(n_layers)]
+        from kvcomp.model.arch import Needs, check, ropes, text_config
+
+        n_layers = text_config(model).num_hidden_layers
+        check(model, Needs(pre_rope=quantizer.pre_rope, method="quantizer.pre_rope=true"))
+        #: per layer: the model's RoPE for that layer (its layer type), None without RoPE
+        self.ropes: list[Rope | None] = ropes(model) or [None] * n_layers
+        self.rope = self.ropes[0]
+        layers = [CompressedLayer(i, quantizer, self.ropes[i], self) for i in range(n_layers)]
         super().__init__(layers=layers)
         self.quantizer = quantizer
         self._run: Callable[[], RunHooks | None] = lambda: None

@@ -19,8 +19,8 @@ import torch
 from torch.profiler import record_function
 from transformers.cache_utils import CacheLayerMixin
 
-from kvcomp.cache.rope import Rope, rotate
-from kvcomp.cache.storage import Dense, Stored, nbytes, numel
+from kvcomp.cache.rope import Rope
+from kvcomp.cache.storage import Dense, Rows, Stored, nbytes, numel
 from kvcomp.kernels.chunk import History, chunk_attention
 
 if TYPE_CHECKING:
@@ -75,6 +75,11 @@ class CompressedLayer(CacheLayerMixin):
         n = sum(int(p.numel()) for p in self.pos_blocks)
         return n + (0 if self.res_pos is None else int(self.res_pos.numel()))
 
+    def held_positions(self) -> torch.Tensor:
+        """Absolute positions (int32) of the held tokens, in the order ``materialize`` returns them."""
+        pb = [*self.pos_blocks, *([] if self.res_pos is None else [self.res_pos])]
+        return torch.cat(pb) if pb else torch.zeros(0, dtype=torch.int32)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """kv_offset = seen - held, so held history sits just before the queries: all of it visible,
         and the new tokens stay causal among themselves at their true positions."""
@@ -99,7 +104,7 @@ class CompressedLayer(CacheLayerMixin):
                        self.res_pos)
 
     def attend(self, query: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, scale: float,
-               impl: str = "tiled", window: int | None = None) -> torch.Tensor:
+               impl: str = "tiled", window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         """Attention of ``query`` ``[B, Hq, q, D]`` over the history this forward found plus its own post-RoPE
         ``key_states``/``value_states`` ``[B, Hkv, q, D]`` (causal), then store those tokens (their scores come
         from the same pass). Returns ``[B, Hq, q, D]``. ``impl="materialize"``: the oracle (whole history)."""
@@ -109,19 +114,19 @@ class CompressedLayer(CacheLayerMixin):
         self.pending = None
         q_len = query.shape[-2]
         if impl == "materialize":
-            out, lse = materialized_attention(self, query, key_states, value_states, positions, scale, window)
+            out, lse = materialized_attention(self, query, key_states, value_states, positions, scale, window,
+                                              softcap)
         elif q_len == 1 and _triton_decode(query):  # a decode step on CUDA: the fused kernel (no scores needed)
             from kvcomp.kernels import triton_decode
 
             out, lse = triton_decode.decode_attention_triton(query, self, key_states, value_states, scale=scale), None
         else:
-            out, lse = chunk_attention(query, hist, key_states, value_states, scale, self.owner.rope_table
-                                       if self.rope is not None else None)
-        self._store(key_states, value_states, positions, (query, lse))
+            out, lse = chunk_attention(query, hist, key_states, value_states, scale, self.rope)
+        self._store(key_states, value_states, positions, (query, lse, scale))
         return out
 
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor,
-               attn: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
+               attn: tuple[torch.Tensor, torch.Tensor | None, float] | None) -> None:
         q = key_states.shape[-2]
         # the last `guide` tokens (a question appended to a prefill chunk) are attended to, never stored
         store = q - self.owner.run.guide_appended
@@ -160,7 +165,7 @@ class CompressedLayer(CacheLayerMixin):
             n = int(p.numel())
             k = kblk.dequantize(self.dtype)
             if cos is not None:
-                k = rotate(k, cos[o : o + n], sin[o : o + n])
+                k = self.rope.rotate(k, cos[o : o + n], sin[o : o + n])
             keys[..., o : o + n, :] = k
             values[..., o : o + n, :] = vblk.dequantize(self.dtype)
             o += n
@@ -261,8 +266,43 @@ class CompressedLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the compressed cache cannot be cropped (assisted decoding is unsupported)")
 
+    # -- batch rows (beam search, several sequences per prompt): transformers' Cache API ----------------
+    def batch_size(self) -> int:
+        first = self.res_k if self.res_k is not None else (self.k_blocks[0] if self.k_blocks else None)
+        return 0 if first is None else int(first.shape[0])
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Row ``i`` of the batch becomes old row ``rows[i]`` in every held tensor (packed blocks are shared via
+        ``Rows``, not copied); the quantizer's per-row statistics follow."""
+        b = self.batch_size()
+        if b == 0:
+            return
+        rows = rows.to(device=self.device, dtype=torch.long)
+        self.k_blocks = [Rows.of(k, rows) for k in self.k_blocks]
+        self.v_blocks = [Rows.of(v, rows) for v in self.v_blocks]
+        if self.res_k is not None:
+            self.res_k, self.res_v = self.res_k.index_select(0, rows), self.res_v.index_select(0, rows)
+        self.state = _rows(self.state, rows, b)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("the compressed cache does not support beam search; use greedy or sampling")
+        self.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.select_rows(torch.arange(self.batch_size(), device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(indices)
+
+
+def _rows(obj: Any, rows: torch.Tensor, b: int) -> Any:
+    """Quantizer state with every batch-leading tensor (``[B, ...]``) indexed by ``rows``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.index_select(0, rows.to(obj.device)) if obj.dim() >= 2 and obj.shape[0] == b else obj
+    if isinstance(obj, dict):
+        return {k: _rows(v, rows, b) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_rows(v, rows, b) for v in obj)
+    return obj
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -276,8 +316,8 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 
 
 def materialized_attention(layer: CompressedLayer, query: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
-                           positions: torch.Tensor, scale: float, window: int | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           positions: torch.Tensor, scale: float, window: int | None = None,
+                           softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle: whole history dequantized (``materialize``), one float32 softmax with history visible and the
     new tokens causal (and keys older than ``window`` positions hidden). Returns (out, lse ``[B, Hq, q]``)."""
     keys, values = layer.materialize(new_k, new_v)
@@ -294,6 +334,8 @@ def materialized_attention(layer: CompressedLayer, query: torch.Tensor, new_k: t
     if window:
         visible &= k_pos[None, :] > q_pos[:, None] - window
     s = torch.matmul(query.float(), k.transpose(-1, -2)) * scale
+    if softcap:  # Gemma 2: logits soft-capped before the mask, as its eager attention does
+        s = torch.tanh(s / softcap) * softcap
     s.masked_fill_(~visible, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     out = torch.matmul(torch.exp(s - lse[..., None]), v)

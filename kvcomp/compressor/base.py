@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvcomp.fields import param
+from kvcomp.model import arch
 from kvcomp.session import Session
 
 
@@ -29,6 +30,14 @@ class Compressor:
 
     def new_cache(self, model: Any) -> Any:
         raise NotImplementedError
+
+    def needs(self, n_layers: int) -> arch.Needs:
+        """What this compressor needs from a model of ``n_layers`` layers (nothing: a plain cache)."""
+        return arch.Needs()
+
+    def check(self, model: Any) -> None:
+        """Refuse, before any prefill, a model this compressor cannot run exactly (ConfigError, one line)."""
+        arch.check(model, self.needs(arch.text_config(model).num_hidden_layers))
 
     def install(self, session: Session, stack: ExitStack) -> None:
         """Install the per-prompt hooks of ``session`` (removed by closing ``stack``); none in the base class."""

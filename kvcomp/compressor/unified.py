@@ -22,32 +22,37 @@ from kvcomp.compressor.precision import Precision
 from kvcomp.errors import ConfigError
 from kvcomp.fields import bind
 from kvcomp.kernels.interface import use_packed_attention
+from kvcomp.model import arch
 from kvcomp.registry import COMPRESSORS
 from kvcomp.scorer.base import ScoreContext
 from kvcomp.session import Session
 
 
 class Scoring:
-    """Per-sequence glue between the cache and a scorer: which trailing queries it reads (``window``)."""
+    """Per-sequence glue between the cache and a scorer: which trailing queries it reads (``window``); the queries,
+    their log-sum-exp and the softmax scale come from the attention pass itself (``kvcomp_packed``), so whatever
+    the model does to its queries (q_norm, fused projections, Gemma's scale) is what the scorer sees."""
 
     def __init__(self, scorer: Any, model: Any, window: int) -> None:
-        cfg = model.config
         self.scorer = scorer
         self.window = window  # trailing queries to keep (-1 = all)
-        self.n_layers = cfg.num_hidden_layers
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scaling = self.head_dim**-0.5
+        self.n_layers = len(arch.decoder_layers(model))
+        self.windows = arch.windows(model)  # per layer: its sliding window (None: full attention)
 
     def score(self, cache: CompressedCache, layer_idx: int, new_keys: torch.Tensor, positions: torch.Tensor,
-              n_store: int, attn: tuple[torch.Tensor, torch.Tensor] | None, prompt_len: int) -> torch.Tensor:
-        q = new_keys.shape[-2]
-        pre = cache.rope.invert(new_keys, positions) if cache.rope is not None else new_keys
+              n_store: int, attn: tuple[torch.Tensor, torch.Tensor, float] | None, prompt_len: int) -> torch.Tensor:
+        q, d = new_keys.shape[-2], new_keys.shape[-1]
+        rope = cache.ropes[layer_idx]
+        pre = rope.invert(new_keys, positions) if rope is not None else new_keys
         queries = lse = None
-        if attn is not None and self.window != 0:
-            w = q if self.window < 0 else min(self.window, q)
-            queries, lse = attn[0][:, :, -w:], attn[1][:, :, -w:]
+        scaling = d**-0.5
+        if attn is not None:
+            scaling = attn[2]
+            if self.window != 0:
+                w = q if self.window < 0 else min(self.window, q)
+                queries, lse = attn[0][:, :, -w:], attn[1][:, :, -w:]
         ctx = ScoreContext(layer_idx, self.n_layers, new_keys, pre, queries, lse, positions, n_store,
-                           self.scaling, prompt_len)
+                           scaling, prompt_len, self.windows[layer_idx])
         s = self.scorer.score(ctx).float()
         return torch.nan_to_num(s, nan=0.0)
 
@@ -81,6 +86,14 @@ class Unified(Compressor):
                               "cannot; pick a packing quantizer (uniform, kvquant_stream, ...)")
         if self.propagator is not None and self.propagator.active(32) and self.scorer is None:
             raise ConfigError("propagation drops tokens by importance; choose a scorer (scorer=prompt_guided, ...)")
+
+    def needs(self, n_layers: int) -> arch.Needs:
+        drops = self.policy.may_drop or (self.propagator is not None and self.propagator.active(n_layers))
+        what = [f"quantizer={getattr(self.quantizer, 'registry_name', '?')}"] if self.quantizer.pre_rope else []
+        what += [f"scorer={getattr(self.scorer, 'registry_name', '?')}"] if self.scorer is not None else []
+        return arch.Needs(pre_rope=self.quantizer.pre_rope, queries=self.scorer is not None,
+                          masks=drops, slicing=self.propagator is not None and self.propagator.active(n_layers),
+                          method=" + ".join(what) or "this method")
 
     def new_cache(self, model: Any) -> CompressedCache:
         return CompressedCache(model, self.quantizer)

@@ -19,13 +19,12 @@ scopes ``kvcomp::dequantize`` / ``kvcomp::rope`` / ``kvcomp::attend`` name where
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch.profiler import record_function
 
 from kvcomp.cache.quant import ChannelSplit, Packed, Sparse
-from kvcomp.cache.rope import rotate_half
+from kvcomp.cache.rope import Rope
 from kvcomp.cache.storage import Dense, Stored
 from kvcomp.kernels.tiles import dequantize_tokens, outliers_in
 
@@ -210,39 +209,20 @@ def _rest(c: ChannelSplit, n: int) -> torch.Tensor:
     return rest
 
 
-class RopeTable:
-    """cos/sin ``[P, D]`` float32 for positions ``0..P-1`` from the model's rotary module, grown on demand;
-    a tile's rows are an ``index_select`` (no trigonometry per tile, per layer or per step)."""
-
-    def __init__(self, rotary: Any) -> None:
-        self.rotary = rotary
-        self.cos: torch.Tensor | None = None
-        self.sin: torch.Tensor | None = None
-
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top = int(positions.max()) + 1 if positions.numel() else 0
-        if self.cos is None or self.cos.shape[0] < top or self.cos.device != positions.device:
-            size = max(top, 2 * (0 if self.cos is None else self.cos.shape[0]), 1024)
-            dummy = torch.empty(0, dtype=torch.float32, device=positions.device)
-            cos, sin = self.rotary(dummy, torch.arange(size, device=positions.device).unsqueeze(0))
-            self.cos, self.sin = cos[0].float(), sin[0].float()
-        idx = positions.long()
-        return self.cos.index_select(0, idx), self.sin.index_select(0, idx)
-
-    def apply_(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Rotate float32 ``x`` ``[B, H, n, D]`` to its positions, ``x*cos + rotate_half(x)*sin``, into ``out``
-        (same shape, e.g. a workspace slot; not ``x`` itself)."""
-        cos, sin = self.lookup(positions)
-        half = x.shape[-1] // 2
-        torch.mul(x, cos, out=out)
-        rot = torch.empty_like(x)
-        torch.mul(x[..., half:], sin[:, :half], out=rot[..., :half]).neg_()
-        torch.mul(x[..., :half], sin[:, half:], out=rot[..., half:])
-        return out.add_(rot)
-
-
-def rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+def rotate_into(rope: Rope, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The model's RoPE of float32 ``x`` ``[B, H, n, D]`` at ``positions`` written into ``out`` (a workspace slot):
+    cos/sin from the rope's cached table; the plain LLaMA rotation in place, any other one through the model's
+    own function (``Rope.rotate``)."""
+    cos, sin = rope.lookup(positions)
+    d = x.shape[-1]
+    if not rope.split_half(d):
+        return out.copy_(rope.rotate(x, cos, sin))
+    half = d // 2
+    torch.mul(x, cos, out=out)
+    rot = torch.empty_like(x)
+    torch.mul(x[..., half:], sin[:, :half], out=rot[..., :half]).neg_()
+    torch.mul(x[..., :half], sin[:, half:], out=rot[..., half:])
+    return out.add_(rot)
 
 
 def tiles(history: History, cap: int) -> list[list[tuple[Stored, Stored, torch.Tensor, int, int]]]:
@@ -265,7 +245,7 @@ def tiles(history: History, cap: int) -> list[list[tuple[Stored, Stored, torch.T
 
 @torch.no_grad()
 def chunk_attention(query: torch.Tensor, history: History, new_k: torch.Tensor, new_v: torch.Tensor,
-                    scale: float, rope: RopeTable | None, tile: int = TILE) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float, rope: Rope | None, tile: int = TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` ``[B, Hq, n, D]`` over ``history`` then ``new_k``/``new_v`` ``[B, Hkv, n, D]``
     (causal). ``rope``: re-applies RoPE to stored (pre-RoPE) keys, None when keys are stored post-RoPE.
     ``tile``: most history tokens dequantized at once. Returns (out ``[B, Hq, n, D]`` in ``query.dtype``,
@@ -292,7 +272,7 @@ def chunk_attention(query: torch.Tensor, history: History, new_k: torch.Tensor, 
                     with record_function("kvcomp::dequantize"):
                         raw = dequantize_tile(kb, t0, t1, scratch[: b * hkv * n * d].view(b, hkv, n, d))
                     with record_function("kvcomp::rope"):
-                        rope.apply_(raw, pos[t0:t1], k[:, :, o : o + n])
+                        rotate_into(rope, raw, pos[t0:t1], k[:, :, o : o + n])
                 with record_function("kvcomp::dequantize"):
                     dequantize_tile(vb, t0, t1, v[:, :, o : o + n])
                 o += n

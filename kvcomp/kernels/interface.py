@@ -38,10 +38,14 @@ def packed_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor
     cache, impl = bound
     layer = cache.layers[module.layer_idx]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window = getattr(module, "sliding_window", None)
-    if window:
-        impl = "materialize"  # the oracle path applies the window by position
-    out = layer.attend(query, key, value, scale, impl=impl, window=window)
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"{type(module).__name__} uses attention sinks (s_aux), which kvcomp's attention "
+                                  "does not implement; use compressor=none with this model")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    softcap = kwargs.get("softcap")
+    if window or softcap:
+        impl = "materialize"  # the oracle path applies windows by position and logit soft-capping
+    out = layer.attend(query, key, value, scale, impl=impl, window=window, softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -27,7 +27,8 @@ class ScoreContext:
     logits over everything they attended to (history + the forward's tokens, causal), so attention weights
     to the new tokens need no second pass over the history. ``positions``: ``[q]`` absolute positions of the
     new tokens; the first ``n_store`` are stored, the rest (``q - n_store``) are an appended question.
-    ``scaling``: attention's 1/sqrt(D); ``prompt_len``: tokens in the whole prompt (0 if unknown).
+    ``scaling``: the attention's softmax scale; ``prompt_len``: tokens in the whole prompt (0 if unknown);
+    ``window``: the layer's sliding window (keys this far back or more are invisible, as in the model).
     """
 
     layer_idx: int
@@ -40,6 +41,7 @@ class ScoreContext:
     n_store: int
     scaling: float
     prompt_len: int = 0
+    window: int | None = None  # the layer's sliding window: queries see keys less than this far back
 
     def attention(self, chunk: int = 256) -> torch.Tensor:
         """Softmax attention of ``queries`` to the forward's new tokens, ``[B, H_q, W, q]`` (fp32; rows are
@@ -50,6 +52,9 @@ class ScoreContext:
         hkv, q = self.new_keys.shape[1], self.new_keys.shape[2]
         k = self.new_keys.float().unsqueeze(2)  # [B, Hkv, 1, q, D]
         future = torch.ones(w, q, dtype=torch.bool, device=k.device).triu_(q - w + 1)  # query i is token q-w+i
+        if self.window:  # the same keys the model's sliding-window layer sees
+            pos = self.positions.long()
+            future |= pos[None, :] <= pos[-w:, None] - self.window
         out = []
         for s in range(0, w, chunk):  # query blocks bound the transient [B, H, chunk, q] buffer
             qb = self.queries[:, :, s : s + chunk].float().reshape(b, hkv, hq // hkv, -1, d)

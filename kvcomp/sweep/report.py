@@ -20,9 +20,13 @@ from tqdm.auto import tqdm
 
 from kvcomp.interrupt import describe
 
-METRICS = ("score", "objective", "kv_bytes", "kv_bytes_fp16", "compression_ratio", "memory_savings",
+METRICS = ("score", "kl_full", "top1_agree", "answer_nll", "objective", "kv_bytes", "kv_bytes_fp16",
+           "compression_ratio", "memory_savings",
            "avg_key_bits", "avg_value_bits", "tokens_held", "tokens_dropped", "outlier_ratio", "ppl",
-           "quality_retention", "ttft_s", "ttft_speedup", "tokens_per_s", "peak_rss_bytes", "n_samples")
+           "quality_retention", "ttft_s", "ttft_speedup", "tokens_per_s", "peak_rss_bytes", "n_samples",
+           "fidelity_cache_hits", "fidelity_cache_misses")
+#: metrics shown as ``value ± half-width (n)`` in report.md when the run has their interval (metrics["ci"])
+CI_METRICS = ("score", "kl_full", "top1_agree", "answer_nll")
 SKIP_KEYS = ("hydra", "model.random", "logger")
 
 
@@ -105,15 +109,66 @@ def table(runs: list[Run]) -> tuple[list[str], list[dict[str, Any]]]:
     diff = [k for k in keys if len({json.dumps(r.config.get(k), default=str) for r in runs}) > 1]
     metric_cols = [m for m in METRICS if any(m in r.metrics for r in runs)]
     trial_cols = ["study", "trial", "state"] if any(r.trial for r in runs) else []
-    cols = ["run", "status", *trial_cols, *diff, *metric_cols, "error"]
+    ci_cols = [f"{m}_{e}" for m in CI_METRICS if any(m in r.metrics.get("ci", {}) for r in runs)
+               for e in ("low", "high", "n")]
+    vs = ["score_vs_best"] if sum(r.status == "ok" and "score" in r.metrics.get("ci", {}) for r in runs) > 1 else []
+    cols = ["run", "status", *trial_cols, *diff, *metric_cols, *ci_cols, *vs, "error"]
     rows = []
     for r in runs:
         row = {"run": r.name, "status": r.status, **r.trial, **{k: r.config.get(k) for k in diff}, "error": r.error}
         for m in metric_cols:
             v = r.metrics.get(m)
             row[m] = json.dumps(v) if isinstance(v, list) else v
+        row["_cells"] = _ci_cells(r.metrics)
+        for c in ci_cols:
+            m, _, e = c.rpartition("_")
+            row[c] = r.metrics.get("ci", {}).get(m, {}).get("low" if e == "low" else "high" if e == "high" else "n")
         rows.append(row)
+    if vs:
+        _vs_best(runs, rows)
     return cols, rows
+
+
+def _ci_cells(m: dict[str, Any]) -> dict[str, str]:
+    """report.md cells: ``value ± half-width (n)``, ``*`` when the paired difference to the full cache
+    (``compare_baseline=true``) excludes 0."""
+    from kvcomp.stats import fmt
+
+    cells = {}
+    for k in CI_METRICS:
+        iv = m.get("ci", {}).get(k)
+        if iv:
+            sig = m.get("diff_vs_baseline", {}).get(k, {}).get("significant")
+            cells[k] = fmt(iv, ".4g" if k != "score" else ".1f") + (" *" if sig else "")
+    return cells
+
+
+def _vs_best(runs: list[Run], rows: list[dict[str, Any]]) -> None:
+    """``score_vs_best``: each run's paired score difference (points) to the best-scoring run, over the samples
+    both ran (matched by id in predictions.jsonl), with its 95 % interval; ``*`` when it excludes 0."""
+    from kvcomp.stats import paired
+
+    def preds(r: Run) -> dict[str, float]:
+        p = r.path / "predictions.jsonl"
+        if not p.exists():
+            return {}
+        recs = [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+        return {str(x["id"]): x["score"] for x in recs if x.get("score") is not None}
+
+    ok = [(r, row) for r, row in zip(runs, rows) if r.status == "ok" and "score" in r.metrics]
+    best, _ = max(ok, key=lambda t: t[0].metrics["score"])
+    bp = preds(best)
+    for r, row in ok:
+        if r is best:
+            row["score_vs_best"] = "best"
+            continue
+        mine = preds(r)
+        ids = [i for i in mine if i in bp]
+        if not ids:
+            continue
+        d = paired([mine[i] for i in ids], [bp[i] for i in ids], scale=100.0)
+        row["score_vs_best"] = (f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}] ({d['n']})"
+                                + (" *" if d["significant"] else ""))
 
 
 def _md(v: Any) -> str:
@@ -125,8 +180,12 @@ def _md(v: Any) -> str:
 
 
 def markdown(cols: list[str], rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_md(r.get(c)) for c in cols) + " |" for r in rows]
+    """Markdown table; metrics with an interval show ``value ± half-width (n)`` (their _low/_high/_n columns,
+    kept in runs.csv, are left out here)."""
+    shown = [c for c in cols if not (c.rpartition("_")[2] in ("low", "high", "n") and c.rpartition("_")[0]
+                                      in CI_METRICS)]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(r.get("_cells", {}).get(c) or _md(r.get(c)) for c in shown) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

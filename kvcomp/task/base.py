@@ -20,11 +20,21 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
     #: extra token ids that end generation (after at least one new token), e.g. "\n" for LongBench samsum
     stop_ids: list[int] | None = None
+    #: the gold continuation teacher-forced for fidelity (default: the first answer, tokenized)
+    target_ids: list[int] | None = None
 
 
 @dataclass
 class Task:
-    """Base task: generate for each sample with the engine and score the prediction (0..1)."""
+    """Base task: generate for each sample with the engine and score the prediction (0..1).
+
+    ``fidelity``: also teacher-force the gold answer after the prompt and compare with the full cache
+    (``answer_nll``, ``kl_full``, ``top1_agree`` per sample; see ``kvcomp.fidelity``); the full cache's
+    log-probs are kept in ``fidelity_cache_dir`` (null: ``~/.cache/kvcomp/fidelity``).
+    """
+
+    fidelity: bool = False
+    fidelity_cache_dir: str | None = None
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         raise NotImplementedError
@@ -34,7 +44,9 @@ class Task:
 
     def run_sample(self, engine: Any, sample: Sample) -> dict[str, Any]:
         """Generate and score one sample; returns its predictions.jsonl record."""
-        text, gen = engine.generate(sample.prompt_ids, sample.max_new_tokens, sample.question_ids, sample.stop_ids)
+        target = self.target_ids(engine.tokenizer, sample) if self.fidelity else None
+        text, gen = engine.generate(sample.prompt_ids, sample.max_new_tokens, sample.question_ids, sample.stop_ids,
+                                    teacher_ids=target)
         rec = {
             "id": sample.id,
             "prompt_len": len(sample.prompt_ids),
@@ -44,7 +56,38 @@ class Task:
         }
         rec.update(sample.meta)
         rec.update(engine.perf_record(gen))
+        if target and gen.forced is not None:
+            rec.update(self.compare(engine, sample.prompt_ids, target, gen.forced))
         return rec
+
+    # -- fidelity to the full cache ----------------------------------------------------------------
+    def target_ids(self, tokenizer: Any, sample: Sample) -> list[int] | None:
+        """Token ids of the gold continuation (``sample.target_ids``, else the first answer tokenized, at most
+        ``max_new_tokens`` of them)."""
+        if sample.target_ids:
+            return list(sample.target_ids)
+        if not sample.answers or not sample.answers[0]:
+            return None
+        ids = list(tokenizer(sample.answers[0], add_special_tokens=False)["input_ids"])
+        return ids[: sample.max_new_tokens] or None
+
+    def reference_store(self) -> Any:
+        """The on-disk store of full-cache log-probs this task uses (one per task object)."""
+        from kvcomp.fidelity import ReferenceStore
+
+        store = self.__dict__.get("_store")
+        if store is None:
+            store = self.__dict__["_store"] = ReferenceStore(self.fidelity_cache_dir)
+        return store
+
+    def compare(self, engine: Any, prompt_ids: list[int], target: list[int], logp: Any) -> dict[str, Any]:
+        from kvcomp.fidelity import compare
+
+        return compare(engine, self.reference_store(), prompt_ids, target, logp)
+
+    def fidelity_stats(self) -> dict[str, Any]:
+        """Hits / misses of the full-cache log-prob store (empty without fidelity)."""
+        return self.reference_store().stats() if self.fidelity else {}
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         """Task metrics; ``score`` is 0-100."""

@@ -6,6 +6,11 @@ unscored. ``ppl = exp(nll)``, ``nll`` = mean negative log-likelihood (nats/token
 top-1 accuracy in % (a 0-100 quality number; optimise ``objective=ppl`` with direction minimize).
 The text is the WikiText-2 raw test file as is (see kvcomp/data), or the hub's ``wikitext-2-raw-v1``
 test rows rebuilt into that same file (``source: hub``).
+
+``mode: continuation``: each sample is ``seq_len`` context tokens prefilled through the cache, then the next
+``continuation_tokens`` are teacher-forced one decode step each; ``nll``/``ppl``/``score`` are over those
+tokens only (what a compressed prompt does to what comes after it), and with ``fidelity: true`` each sample
+also gets ``answer_nll``, ``kl_full`` and ``top1_agree`` against the full cache.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from kvcomp.registry import TASKS
 from kvcomp.task.base import Sample, Task, span
 
 SOURCES = ("bundled", "hub")
+MODES = ("ppl", "continuation")
 
 
 def wikitext2_test(source: str = "bundled") -> str:
@@ -51,12 +57,22 @@ class WikiText2PPL(Task):
     seq_len: int = param(1024, ge=2)
     max_windows: int = param(64, ge=0)
     source: str = param("bundled", choices=SOURCES)
+    mode: str = param("ppl", choices=MODES)
+    continuation_tokens: int = param(32, ge=1)
 
     def positions_needed(self) -> tuple[int, str] | None:
+        if self.mode == "continuation":
+            return span(("task.seq_len", self.seq_len), ("task.continuation_tokens", self.continuation_tokens))
         return span(("task.seq_len", self.seq_len))
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         ids = _token_ids(tokenizer, self.source)
+        if self.mode == "continuation":
+            w, c = self.seq_len + self.continuation_tokens, self.continuation_tokens
+            n = len(ids) // w if not self.max_windows else min(len(ids) // w, self.max_windows)
+            return [Sample(id=f"window-{i}", prompt_ids=list(ids[i * w : i * w + self.seq_len]), answers=[],
+                           target_ids=list(ids[i * w + self.seq_len : (i + 1) * w]), max_new_tokens=c)
+                    for i in range(n)]
         n = len(ids) // self.seq_len
         if self.max_windows:
             n = min(n, self.max_windows)
@@ -66,6 +82,8 @@ class WikiText2PPL(Task):
         ]
 
     def run_sample(self, engine: Any, sample: Sample) -> dict[str, Any]:
+        if self.mode == "continuation":
+            return self._continuation(engine, sample)
         model, comp = engine.model, engine.compressor
         ids = torch.tensor([sample.prompt_ids], device=engine.device)
         nll = torch.zeros((), dtype=torch.float64)
@@ -88,6 +106,20 @@ class WikiText2PPL(Task):
         rec.update(engine.perf_record(gen))
         rec.pop("tokens_per_s")
         rec["prefill_tokens_per_s"] = ids.shape[1] / t.s if t.s > 0 else 0.0
+        return rec
+
+    def _continuation(self, engine: Any, sample: Sample) -> dict[str, Any]:
+        target = list(sample.target_ids or [])
+        logp, gen = engine.teacher_forced(sample.prompt_ids, target)
+        tgt = torch.tensor(target)
+        nll = float(-logp.gather(1, tgt[:, None]).double().sum())
+        correct = int((logp.argmax(-1) == tgt).sum())
+        rec = {"id": sample.id, "prompt_len": len(sample.prompt_ids), "nll_sum": nll, "n_tokens": len(target),
+               "correct": correct, "score": correct / len(target)}
+        rec.update(engine.perf_record(gen))
+        rec.pop("tokens_per_s")
+        if self.fidelity:
+            rec.update(self.compare(engine, sample.prompt_ids, target, logp))
         return rec
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
