@@ -64,19 +64,23 @@ def use_packed_attention(model: Any, run: Any, impl: str = "tiled") -> Iterator[
     for the duration of the block."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {', '.join(IMPLS)}")
+    from kvcomp.model.arch import text_config
+
     _register()
-    key = id(model.config)
-    if key in _BOUND:
+    keys = {id(model.config), id(text_config(model))}  # attention modules hold the (text) config
+    if keys & _BOUND.keys():
         raise RuntimeError("this model is already inside a kvcomp compressed run")
     old = model.config._attn_implementation
     model.set_attn_implementation(NAME)
-    _BOUND[key] = (run.cache, impl)
+    for key in keys:
+        _BOUND[key] = (run.cache, impl)
     run.deferred = True
     try:
         yield
     finally:
         run.deferred = False
-        _BOUND.pop(key, None)
+        for key in keys:
+            _BOUND.pop(key, None)
         model.set_attn_implementation(old)
 
 def set_impl(model: Any, impl: str) -> None:
@@ -84,4 +88,6 @@ def set_impl(model: Any, impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {', '.join(IMPLS)}")
     cache, _ = _BOUND[id(model.config)]
-    _BOUND[id(model.config)] = (cache, impl)
+    for key, (c, _) in list(_BOUND.items()):
+        if c is cache:
+            _BOUND[key] = (cache, impl)
