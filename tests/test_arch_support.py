@@ -124,7 +124,9 @@ def test_model_without_rope() -> None:
 def test_unknown_layer_type_refused() -> None:
     model = build("qwen2")
     model.config.layer_types = ["chunked_attention"] * model.config.num_hidden_layers
-    refused(model, "snapkv", "Qwen2ForCausalLM", "chunked_attention")
+    for method in ("snapkv", "int8", "kvquant_stream"):
+        refused(model, method, "Qwen2ForCausalLM", "chunked_attention", "full_cache")
+    kvcomp.compress(model, "full_cache")  # the plain cache: nothing of kvcomp's in the way
 
 
 def test_sequence_dependent_rope_refused_past_its_length() -> None:

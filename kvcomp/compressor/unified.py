@@ -93,7 +93,7 @@ class Unified(Compressor):
         what += [f"scorer={getattr(self.scorer, 'registry_name', '?')}"] if self.scorer is not None else []
         return arch.Needs(pre_rope=self.quantizer.pre_rope, queries=self.scorer is not None,
                           masks=drops, slicing=self.propagator is not None and self.propagator.active(n_layers),
-                          method=" + ".join(what) or "this method")
+                          cache=True, method=" + ".join(what) or "this method")
 
     def new_cache(self, model: Any) -> CompressedCache:
         return CompressedCache(model, self.quantizer)

@@ -39,6 +39,7 @@ class Needs:
     queries: bool = False  # a scorer reads the attention's queries
     masks: bool = False  # per-layer masks rebuilt (tokens dropped or hidden states sliced)
     slicing: bool = False  # propagation slices hidden states between layers
+    cache: bool = False  # kvcomp's CompressedCache replaces the model's (full / sliding attention layers only)
     method: str = ""  # for messages: "quantizer.pre_rope=true", "scorer=snapkv", ...
 
 
@@ -139,8 +140,9 @@ def windows(model: Any) -> list[int | None]:
         elif t in FULL_TYPES:
             out.append(None)
         else:
-            raise ConfigError(f"{_name(model)}: layer type {t!r} (config.layer_types) is not one kvcomp masks "
-                              f"correctly (supported: {', '.join(SLIDING_TYPES + FULL_TYPES)})")
+            raise ConfigError(f"{_name(model)}: layer type {t!r} (config.layer_types) is not one kvcomp's cache "
+                              f"and masks handle (supported: {', '.join(SLIDING_TYPES + FULL_TYPES)}); use "
+                              "full_cache with this model")
     return out
 
 
@@ -200,6 +202,8 @@ def seq_limit(model: Any, rotary: Any, layer_type: str | None) -> int | None:
 def check(model: Any, needs: Needs) -> None:
     """Raise ConfigError (one line: model class, feature, what to change) if ``model`` cannot give ``needs``."""
     cls = _name(model)
+    if needs.cache:
+        windows(model)  # every layer an attention layer kvcomp's cache can stand in for
     if not (needs.pre_rope or needs.queries or needs.masks or needs.slicing):
         return
     rp = ropes(model)
