@@ -16,12 +16,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.profiler import record_function
 from transformers.cache_utils import CacheLayerMixin
 
 from kvcomp.cache.rope import Rope
 from kvcomp.cache.storage import Dense, Rows, Stored, nbytes, numel
-from kvcomp.kernels.chunk import History, chunk_attention
+from kvcomp.kernels.chunk import History, chunk_attention, scope
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
@@ -130,14 +129,14 @@ class CompressedLayer(CacheLayerMixin):
         q = key_states.shape[-2]
         # the last `guide` tokens (a question appended to a prefill chunk) are attended to, never stored
         store = q - self.owner.run.guide_appended
-        with record_function("kvcomp::score"):
+        with scope("kvcomp::score"):
             scores = self.owner.run.score(self.layer_idx, key_states, positions, store, attn)
-        with record_function("kvcomp::rope"):
+        with scope("kvcomp::rope"):
             k_store = self.rope.invert(key_states, positions).to(key_states.dtype) if self.rope else key_states
         self._append(k_store[..., :store, :], value_states[..., :store, :], positions[:store].to(torch.int32),
                      scores)
         self.seen += store
-        with record_function("kvcomp::quantize"):
+        with scope("kvcomp::quantize"):
             self._flush(decode=q == 1)
 
     # -- storage -------------------------------------------------------------------------------------
