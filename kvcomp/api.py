@@ -7,8 +7,8 @@
 
 ``method`` is an experiment name from ``conf/experiment/``; the config is composed through Hydra's compose
 API and built by the same registries as the CLI. Inside the block the *instance's* ``generate`` is wrapped:
-it builds a fresh cache (``compressor.new_cache``), installs the compressor's hooks, prefills the prompt
-except its last token chunk by chunk into that cache, then calls the original ``generate`` with
+it opens a ``compressor.session`` (fresh cache + the compressor's hooks), prefills the prompt except its last
+token chunk by chunk into that cache, then calls the original ``generate`` with
 ``past_key_values=cache`` (which runs the last prompt token and decodes). Nothing is global: the class,
 other models and other runs are untouched; on exit the instance attribute is removed again.
 """
@@ -24,7 +24,7 @@ import torch
 from kvcomp.errors import ConfigError, unknown_choice
 
 #: groups searched, in order, for an override given without a dot (``chunk_size=256``); it is set in each
-#: group that has the key (an experiment may link them, e.g. compressor.chunk_size: ${quantizer.chunk_size})
+#: group that has the key
 SHORT_KEY_GROUPS = ("compressor", "compressor.precision", "quantizer", "scorer", "propagation")
 
 
@@ -184,9 +184,6 @@ class CompressedRun:
     @torch.inference_mode()
     def generate(self, orig: Any, inputs: Any = None, *args: Any, **kwargs: Any) -> Any:
         """Chunked prefill of ``input_ids[:, :-1]`` into a fresh compressed cache, then ``orig`` from there."""
-        from kvcomp.cache import cache_stats
-        from kvcomp.generation import prefill
-
         if kwargs.get("past_key_values") is not None:
             raise ValueError("inside kvcomp.compress the cache is kvcomp's; do not pass past_key_values")
         question = _as_ids(kwargs.pop("question_ids", None), self.vocab)
@@ -200,15 +197,14 @@ class CompressedRun:
             raise ValueError("padded batches are not supported inside kvcomp.compress; pass one prompt at a time")
         expand = self._check_generate(ids, kwargs)
         device = ids.device
-        cache = self.compressor.new_cache(self.model)
         q = question.to(device) if question is not None else None
-        with self.compressor.attach(self.model, cache, q):
+        with self.compressor.session(self.model, q) as s:
             if ids.shape[1] > 1:
-                prefill(self.model, cache, ids[:, :-1], self.compressor.chunk_size)
+                s.prefill(ids[:, :-1])
             if expand > 1:  # generate repeats input_ids per beam / sequence; the prefilled cache follows
-                cache.batch_repeat_interleave(expand)
-            out = orig(ids, *args, past_key_values=cache, attention_mask=torch.ones_like(ids), **kwargs)
-        self._stats = cache_stats(cache)
+                s.cache.batch_repeat_interleave(expand)
+            out = orig(ids, *args, past_key_values=s.cache, attention_mask=torch.ones_like(ids), **kwargs)
+        self._stats = s.stats()
         return out
 
     def _check_generate(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> int:

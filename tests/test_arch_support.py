@@ -214,20 +214,25 @@ def test_cli_refuses_like_the_api(tmp_path: Path) -> None:
 
 
 def test_scorer_attention_respects_the_sliding_window() -> None:
-    """The scorers' own attention masks what the model's sliding-window layer masks (history by position)."""
+    """The scorers' attention to the new tokens masks what the model's sliding-window layer masks; with the
+    history's share (from the log-sum-exp of the attention pass) every query's weights sum to 1."""
     from kvcomp.scorer.base import ScoreContext
 
     g = torch.Generator().manual_seed(0)
     keys, queries = torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 4, 4, 8, generator=g)
-    hist = torch.tensor([0, 3, 7, 15, 18, 19, 22, 23, 24, 25], dtype=torch.int32)  # sparse: some were dropped
-    ctx = ScoreContext(0, 2, keys, keys[..., 10:, :], queries, torch.arange(26, 46), 20, 10, 8**-0.5,
-                       key_positions=hist, window=12)
-    a = ctx.attention()  # queries at positions 42..45
-    k_pos = torch.cat([hist.long(), torch.arange(26, 46)])
+    hist = torch.tensor([0, 3, 7, 15, 18, 19, 22, 23, 24, 25])  # sparse: some were dropped
+    k_pos = torch.cat([hist, torch.arange(26, 46)])
     q_pos = torch.arange(42, 46)
     seen = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - 12)
-    assert bool((a[0, :, ~seen] == 0).all()) and torch.allclose(a.sum(-1), torch.ones(1, 4, 4))
-    assert bool((a[0][:, seen] > 0).all())
+    logits = torch.matmul(queries, keys.repeat_interleave(2, dim=1).transpose(-1, -2)) * 8**-0.5
+    lse = torch.logsumexp(logits.masked_fill(~seen, float("-inf")), dim=-1)  # what the attention pass returns
+    ctx = ScoreContext(0, 2, keys[..., 10:, :], keys[..., 10:, :], queries, lse, torch.arange(26, 46), 20,
+                       8**-0.5, window=12)
+    a = ctx.attention()  # queries at positions 42..45, over the 20 new tokens
+    new = seen[:, 10:]
+    hist_share = torch.softmax(logits.masked_fill(~seen, float("-inf")), -1)[..., :10].sum(-1)
+    assert bool((a[0, :, ~new] == 0).all()) and bool((a[0][:, new] > 0).all())
+    assert torch.allclose(a.sum(-1) + hist_share, torch.ones(1, 4, 4), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["mistral_window", "gemma2", "gemma3"])

@@ -94,14 +94,16 @@ def context(needle: bool, d: int = 16, n: int = 64) -> ScoreContext:
         keys[:, :, 40:44] = direction * 3
     keys[:, :, n:] = direction * 3
     queries = direction.expand(1, 4, 4, d) * 3
-    return ScoreContext(layer_idx=0, n_layers=8, keys=keys, new_keys_pre=keys, queries=queries.clone(),
-                        positions=torch.arange(5000, 5000 + n + 4), n_store=n, held=0, scaling=d**-0.5,
-                        prompt_len=10_000)
+    logits = torch.matmul(queries, keys.repeat_interleave(2, dim=1).transpose(-1, -2)) * d**-0.5
+    logits = logits.masked_fill(torch.ones(4, n + 4, dtype=torch.bool).triu_(n + 1), float("-inf"))
+    return ScoreContext(layer_idx=0, n_layers=8, new_keys=keys, new_keys_pre=keys, queries=queries.clone(),
+                        lse=torch.logsumexp(logits, dim=-1), positions=torch.arange(n + 4), n_store=n,
+                        scaling=d**-0.5, prompt_len=10_000)
 
 
 def test_absolute_terms_tell_a_filler_chunk_from_a_needle_chunk() -> None:
     for scale in ("absolute", "chunk"):
-        s = SCORERS.build({"name": "prompt_guided", "term_scale": scale, "pool_kernel": 7})
+        s = SCORERS.build({"name": "prompt_guided", "term_scale": scale, "pool_kernel": 7, "beta": 0.0})
         f, n = s.score(context(False)), s.score(context(True))
         assert int(n.argmax()) in range(37, 47)
         if scale == "absolute":

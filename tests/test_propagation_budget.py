@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from kvcomp.errors import ConfigError
-from kvcomp.generation import prefill
 from kvcomp.registry import COMPRESSORS, PROPAGATORS, QUANTIZERS
 from kvcomp.scorer.base import ScoreContext, Scorer
 
@@ -42,9 +41,9 @@ def held_per_chunk(model, budget: str) -> list[list[int]]:
     comp = COMPRESSORS.build({"name": "unified", "chunk_size": 64}, quantizer=QUANTIZERS.build({"name": "none"}),
                              propagator=prop, scorer=ChunkContent())
     ids = torch.randint(3, 250, (1, 256), generator=torch.Generator().manual_seed(11))
-    cache = comp.new_cache(model)
-    with comp.attach(model, cache):
-        prefill(model, cache, ids, comp.chunk_size)
+    with comp.session(model) as sess:
+        sess.prefill(ids)
+    cache = sess.cache
     out = []
     for layer in cache.layers:
         pos = torch.cat(layer.pos_blocks)

@@ -10,7 +10,7 @@ import torch
 from kvcomp.cache.rewrite import demote, held_positions
 from kvcomp.compressor import timing
 from kvcomp.errors import ConfigError
-from kvcomp.generation import greedy_generate, prefill
+from kvcomp.generation import greedy_generate
 from kvcomp.registry import COMPRESSORS, PROPAGATORS, QUANTIZERS, SCORERS
 
 TIERS = {"mode": "tiers", "drop_low": True}
@@ -30,15 +30,14 @@ def widths(layer) -> dict[int, int]:
 
 
 def forward_lengths(model, comp, ids, question):
-    cache = comp.new_cache(model)
     lengths: list[int] = []
     h = model.register_forward_pre_hook(lambda m, a, k: lengths.append(k["input_ids"].shape[1]), with_kwargs=True)
     try:
-        with comp.attach(model, cache, question):
-            prefill(model, cache, ids, comp.chunk_size)
+        with comp.session(model, question) as sess:
+            sess.prefill(ids)
     finally:
         h.remove()
-    return lengths, cache
+    return lengths, sess.cache
 
 
 def test_timings_differ_in_what_the_forward_sees(tiny) -> None:
@@ -59,19 +58,20 @@ def test_end_pass_demotes_or_drops_and_never_promotes(tiny, monkeypatch) -> None
     model, _ = tiny
     ids = torch.randint(3, 250, (1, 200), generator=torch.Generator().manual_seed(8))
     comp = unified("end")
-    cache = comp.new_cache(model)
     before: dict[int, dict[int, int]] = {}
     real = timing.prompt_end
 
-    def spy(c, scoring, policy):
+    def spy(run, scoring, policy):
+        c = run.cache
         before.update({i: widths(layer) for i, layer in enumerate(c.layers)})
         assert c.get_compression_stats()["tokens_dropped"] == 0  # drops were deferred while streaming
         assert min(w for layer in before.values() for w in layer.values()) == 4  # held at hold_bits, at least
-        return real(c, scoring, policy)
+        return real(run, scoring, policy)
 
     monkeypatch.setattr("kvcomp.compressor.unified.prompt_end", spy)
-    with comp.attach(model, cache, ids[:, -6:]):
-        prefill(model, cache, ids, comp.chunk_size)
+    with comp.session(model, ids[:, -6:]) as sess:
+        sess.prefill(ids)
+    cache = sess.cache
     assert before, "the end pass did not run"
     dropped = 0
     for i, layer in enumerate(cache.layers):
@@ -89,9 +89,9 @@ def test_demote_leaves_unchanged_blocks_bit_exact(tiny) -> None:
     model, _ = tiny
     ids = torch.randint(3, 250, (1, 128), generator=torch.Generator().manual_seed(9))
     comp = unified("oracle", precision={"mode": "none"}, scorer="snapkv")
-    cache = comp.new_cache(model)
-    with comp.attach(model, cache):
-        prefill(model, cache, ids, comp.chunk_size)
+    with comp.session(model) as sess:
+        sess.prefill(ids)
+    cache = sess.cache
     layer = cache.layers[1]
     first, second = layer.k_blocks[-2], layer.k_blocks[-1]  # two 4-bit chunks (sinks are a block of their own)
     n_first, n_second = layer.pos_blocks[-2].numel(), layer.pos_blocks[-1].numel()
@@ -114,9 +114,8 @@ def test_missing_question_is_said_once(tiny, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="kvcomp.compressor.timing"):
         for question in (ids[:, -5:], None, None):
             comp = unified("none" if question is not None else "end")
-            cache = comp.new_cache(model)
-            with comp.attach(model, cache, question):
-                greedy_generate(model, cache, ids, 2, set(), comp.chunk_size)
+            with comp.session(model, question) as sess:
+                greedy_generate(sess, ids, 2, set())
     said = [r.getMessage() for r in caplog.records if "needs a question" in r.getMessage()]
     assert len(said) == 2  # once for question=none, once for end without a question
     assert "compressor.question=none" in said[0] and "compressor.question=end" in said[1]

@@ -73,7 +73,6 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     (["model=tiny_llama", "task.context_length=1.5"], "error: task.context_length=1.5 must be an integer > 0"),
     (["+experiment=kvquant_stream", "quantizer.ema_decay=1"], "quantizer.ema_decay=1 must be a number in [0, 1)"),
     (["task.context_length=200000"], "200012 positions exceed model=smollm2_135m's max_position_embeddings=8192"),
-    (["model=tiny_llama", "+experiment=kvquant_stream", "quantizer=none"], "'quantizer.chunk_size' not found"),
 ])
 def test_bad_overrides_fail_cleanly(tmp_path: Path, args: list[str], needle: str) -> None:
     if "cuda" in " ".join(args):

@@ -90,10 +90,11 @@ def test_requantize_warmup_leaves_no_fp16_blocks(tiny) -> None:
     ids = torch.randint(3, 250, (1, 256), generator=torch.Generator().manual_seed(5))
     held = {}
     for rq in (False, True):
-        q = QUANTIZERS.build({"name": "livekvquant", "chunk_size": 64, "warmup_chunks": 2, "requantize_warmup": rq})
+        q = QUANTIZERS.build({"name": "livekvquant", "warmup_chunks": 2, "requantize_warmup": rq})
         comp = COMPRESSORS.build({"name": "unified", "chunk_size": 64}, quantizer=q)
-        cache = comp.new_cache(model)
-        gen = greedy_generate(model, cache, ids, 3, set(), comp.chunk_size)
+        with comp.session(model) as sess:
+            gen = greedy_generate(sess, ids, 3, set())
+        cache = sess.cache
         dense = [sum(isinstance(b, Dense) for b in layer.k_blocks) for layer in cache.layers]
         assert not any(isinstance(b, WarmupBlock) for layer in cache.layers for b in layer.k_blocks)
         assert dense == [0 if rq else 2] * len(cache.layers)

@@ -1,10 +1,13 @@
 """One layer of the compressed cache: packed history segments + a full-precision residual of recent tokens.
 
-``update(k, v)`` (k post-RoPE, ``[B, H_kv, q, D]``) returns the K/V attention needs — the dequantized
-history (RoPE re-applied at each token's absolute position) followed by the new tokens exactly as given —
-and only then stores the new tokens: into the residual, flushing everything older than
+Inside a compressed run (``kernels/interface.py``) the model's attention reads this layer directly:
+``update(k, v)`` (k post-RoPE, ``[B, H_kv, q, D]``) takes a view of the history and returns the new
+tokens untouched; the attention function then calls ``attend(query, k, v, scale)``, which attends over
+the packed history tile by tile plus the new tokens (causal, ``kernels/chunk.py``), scores them from the
+same pass, and only then stores them: into the residual, flushing everything older than
 ``quantizer.residual_length`` into packed segments (prefill chunks), or one ``flush_group`` at a time
-(decode). A chunk therefore attends to the compressed history plus its own full-precision K/V.
+(decode). Used outside such a run, ``update`` returns ``materialize(k, v)`` (the dequantized history
+followed by the new tokens) and stores at once; ``materialize`` is otherwise only the tests' oracle.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvcomp.cache.rope import Rope
 from kvcomp.cache.storage import Dense, Rows, Stored, nbytes, numel
+from kvcomp.kernels.chunk import History, chunk_attention, scope
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
@@ -38,7 +42,7 @@ class CompressedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.quantizer = quantizer
         self.rope = rope if quantizer.pre_rope else None
-        self.owner = owner  # the CompressedCache: pending positions, precision policy
+        self.owner = owner  # the CompressedCache (its ``run``: positions, guide, scores, bits per token)
         self.reset()
 
     # -- transformers CacheLayerMixin API ------------------------------------------------------------
@@ -57,6 +61,7 @@ class CompressedLayer(CacheLayerMixin):
         self.state: dict[str, Any] = self.quantizer.init_state()
         self.seen = 0  # absolute tokens processed (the sequence length the model sees)
         self.dropped = 0
+        self.pending: tuple[History, torch.Tensor] | None = None
         self.is_initialized = False
 
     def get_seq_length(self) -> int:
@@ -85,17 +90,55 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        positions = self.owner.take_positions(self.layer_idx, self.seen, q, key_states.device)
+        positions = self.owner.run.take_positions(self.layer_idx, self.seen, q, key_states.device)
+        if self.owner.run.deferred:  # the attention function reads the history, then stores (``attend``)
+            self.pending = (self.history(), positions)
+            return key_states, value_states
         keys, values = self.materialize(key_states, value_states)
+        self._store(key_states, value_states, positions, None)
+        return keys, values
+
+    def history(self) -> History:
+        """What this layer holds now, as a view that later stores leave unchanged."""
+        return History(list(self.k_blocks), list(self.v_blocks), list(self.pos_blocks), self.res_k, self.res_v,
+                       self.res_pos)
+
+    def attend(self, query: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, scale: float,
+               impl: str = "tiled", window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """Attention of ``query`` ``[B, Hq, q, D]`` over the history this forward found plus its own post-RoPE
+        ``key_states``/``value_states`` ``[B, Hkv, q, D]`` (causal), then store those tokens (their scores come
+        from the same pass). Returns ``[B, Hq, q, D]``. ``impl="materialize"``: the oracle (whole history)."""
+        if self.pending is None:
+            raise RuntimeError(f"layer {self.layer_idx}: attend() without a preceding update()")
+        hist, positions = self.pending
+        self.pending = None
+        q_len = query.shape[-2]
+        if impl == "materialize":
+            out, lse = materialized_attention(self, query, key_states, value_states, positions, scale, window,
+                                              softcap)
+        elif q_len == 1 and _triton_decode(query):  # a decode step on CUDA: the fused kernel (no scores needed)
+            from kvcomp.kernels import triton_decode
+
+            out, lse = triton_decode.decode_attention_triton(query, self, key_states, value_states, scale=scale), None
+        else:
+            out, lse = chunk_attention(query, hist, key_states, value_states, scale, self.rope)
+        self._store(key_states, value_states, positions, (query, lse, scale))
+        return out
+
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor,
+               attn: tuple[torch.Tensor, torch.Tensor | None, float] | None) -> None:
+        q = key_states.shape[-2]
         # the last `guide` tokens (a question appended to a prefill chunk) are attended to, never stored
-        store = q - self.owner.guide_appended
-        scores = self.owner.score(self.layer_idx, keys, key_states, positions, store)
-        k_store = self.rope.invert(key_states, positions).to(key_states.dtype) if self.rope else key_states
+        store = q - self.owner.run.guide_appended
+        with scope("kvcomp::score"):
+            scores = self.owner.run.score(self.layer_idx, key_states, positions, store, attn)
+        with scope("kvcomp::rope"):
+            k_store = self.rope.invert(key_states, positions).to(key_states.dtype) if self.rope else key_states
         self._append(k_store[..., :store, :], value_states[..., :store, :], positions[:store].to(torch.int32),
                      scores)
         self.seen += store
-        self._flush(decode=q == 1)
-        return keys, values
+        with scope("kvcomp::quantize"):
+            self._flush(decode=q == 1)
 
     # -- storage -------------------------------------------------------------------------------------
     def materialize(self, new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None
@@ -163,7 +206,7 @@ class CompressedLayer(CacheLayerMixin):
                  decode: bool = False) -> None:
         """Quantize ``[B, H, T, D]`` tokens at ``pos`` [T]; the owner's precision policy maps their
         importance ``score`` [T] to bits per token (0 = drop). ``decode``: a group of decoded tokens."""
-        bits = self.owner.token_bits(self.layer_idx, score, pos)
+        bits = self.owner.run.token_bits(self.layer_idx, score, pos)
         if bits is not None:
             keep = bits != 0
             if not bool(keep.all()):
@@ -273,3 +316,36 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, list | tuple):
         return [t for v in obj for t in _tensors(v)]
     return []
+
+
+def materialized_attention(layer: CompressedLayer, query: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
+                           positions: torch.Tensor, scale: float, window: int | None = None,
+                           softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle: whole history dequantized (``materialize``), one float32 softmax with history visible and the
+    new tokens causal (and keys older than ``window`` positions hidden). Returns (out, lse ``[B, Hq, q]``)."""
+    keys, values = layer.materialize(new_k, new_v)
+    b, hq, q, d = query.shape
+    g = hq // keys.shape[1]
+    k = keys.float().repeat_interleave(g, dim=1)
+    v = values.float().repeat_interleave(g, dim=1)
+    held = keys.shape[-2] - q
+    hist_pos = [*layer.pos_blocks, *([layer.res_pos] if layer.res_pos is not None else [])]
+    k_pos = torch.cat([*(p.long() for p in hist_pos), positions.long()]) if held else positions.long()
+    q_pos = positions.long()
+    visible = torch.ones(q, held + q, dtype=torch.bool, device=query.device)
+    visible[:, held:] = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
+    if window:
+        visible &= k_pos[None, :] > q_pos[:, None] - window
+    s = torch.matmul(query.float(), k.transpose(-1, -2)) * scale
+    if softcap:  # Gemma 2: logits soft-capped before the mask, as its eager attention does
+        s = torch.tanh(s / softcap) * softcap
+    s.masked_fill_(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.exp(s - lse[..., None]), v)
+    return out.to(query.dtype), lse
+
+
+def _triton_decode(query: torch.Tensor) -> bool:
+    from kvcomp.kernels.dispatch import use_triton_decode  # the kernels package imports this module
+
+    return use_triton_decode(query)

@@ -81,6 +81,37 @@ class Rope:
         self._memo = [*self._memo[-1:], (positions.clone(), cos, sin)]
         return cos, sin
 
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[T, rotary_dim]`` of ``positions`` [T] as rows of a table for ``0..P-1`` built once from the
+        model's rotary module (grown on demand): attention re-rotates history tiles without trigonometry."""
+        top = int(positions.max()) + 1 if positions.numel() else 0
+        table = self.__dict__.get("_table")
+        if table is None or table[0].shape[0] < top or table[0].device != positions.device:
+            size = max(top, 2 * (0 if table is None else table[0].shape[0]), 1024)
+            if self.limit is not None:
+                size = max(top, min(size, self.limit))
+            dummy = torch.empty(0, dtype=torch.float32, device=positions.device)
+            pos = torch.arange(size, device=positions.device).unsqueeze(0)
+            cos, sin = self.rotary(dummy, pos) if self.layer_type is None else self.rotary(dummy, pos, self.layer_type)
+            table = self.__dict__["_table"] = (cos[0].float(), sin[0].float())
+        idx = positions.long()
+        return table[0].index_select(0, idx), table[1].index_select(0, idx)
+
+    def split_half(self, d: int) -> bool:
+        """Whether this RoPE is the plain LLaMA rotation of all ``d`` channels (``x*cos + rotate_half(x)*sin``),
+        checked once numerically: attention then rotates in place with fewer ops."""
+        key = ("_split_half", d)
+        if key not in self.__dict__:
+            pos = torch.arange(3, 11)
+            device = next((b.device for b in self.rotary.buffers()), torch.device("cpu"))
+            cos, sin = self.lookup(pos.to(device))
+            ok = cos.shape[-1] == d
+            if ok:
+                x = torch.randn(1, 2, pos.numel(), d, generator=torch.Generator().manual_seed(0)).to(device)
+                ok = torch.equal(self.rotate(x, cos, sin), rotate(x, cos, sin))
+            self.__dict__[key] = ok
+        return self.__dict__[key]
+
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The model's RoPE of ``x`` [B, H, T, D] with cos/sin [T, rotary_dim]; fp32."""
         x = x.float()

@@ -38,23 +38,38 @@ def say_once(message: str) -> None:
         log.warning(message)
 
 
-def prompt_end(cache: Any, scoring: Any, policy: Precision) -> dict[int, int]:
-    """The question-aware pass of ``question: end`` over every layer of ``cache``; returns tokens dropped per
-    layer. Scores come from the scorer itself, called with the held history as the stored tokens and the
+def question_lse(queries: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                 scaling: float, window: int | None) -> torch.Tensor:
+    """Log-sum-exp ``[B, Hq, W]`` of the scaled logits of ``queries`` ``[B, Hq, W, D]`` over ``keys``
+    ``[B, Hkv, N, D]`` at positions ``k_pos`` (causal, and within the sliding ``window`` when set)."""
+    k = keys.float().repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
+    logits = torch.matmul(queries.float(), k.transpose(-1, -2)) * scaling
+    hidden = k_pos[None, :] > q_pos[:, None]
+    if window is not None:
+        hidden |= q_pos[:, None] - k_pos[None, :] >= window
+    return logits.masked_fill(hidden, float("-inf")).logsumexp(dim=-1)
+
+
+def prompt_end(run: Any, scoring: Any, policy: Precision) -> dict[int, int]:
+    """The question-aware pass of ``question: end`` over every layer of the run's cache; returns tokens dropped
+    per layer. Scores come from the scorer itself, called with the held history as the stored tokens and the
     last forward's trailing queries (the question) as its queries."""
+    cache = run.cache
     stats, scores, positions = RunningScores(policy.history), {}, {}
     n_layers = len(cache.layers)
     for i, layer in enumerate(cache.layers):
-        queries = scoring.last_queries.get(i)
-        if queries is None or layer.held() == 0:
+        last = scoring.last_queries.get(i)
+        if last is None or layer.held() == 0:
             continue
+        queries, scaling = last
         keys, _ = layer.materialize()
         pos = held_positions(layer).to(keys.device).long()
         rope = cache.ropes[i]
         pre = rope.invert(keys, pos) if rope is not None else keys
-        scaling = scoring.scalings[i] or keys.shape[-1] ** -0.5
-        ctx = ScoreContext(i, n_layers, keys, pre, queries, pos, int(pos.numel()), 0, scaling,
-                           int(getattr(cache, "prompt_len", 0)), pos[:0], scoring.windows[i])
+        w = queries.shape[2]
+        lse = question_lse(queries, keys, pos[-w:], pos, scaling, scoring.windows[i])
+        ctx = ScoreContext(i, n_layers, keys, pre, queries, lse, pos, int(pos.numel()), scaling,
+                           int(run.prompt_len), scoring.windows[i])
         scores[i] = torch.nan_to_num(scoring.scorer.score(ctx).float(), nan=0.0)
         positions[i] = pos
         stats.add(policy.band(i, n_layers), scores[i])

@@ -59,13 +59,13 @@ class PromptGuided(Scorer):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         n = ctx.n_store
-        s = torch.zeros(n, device=ctx.keys.device)
+        s = torch.zeros(n, device=ctx.positions.device)
         w = ctx.queries.shape[2] if ctx.queries is not None else 0
         if self.alpha and w:
             w_l = 1.0 - self.layer_decay * ctx.layer_idx / max(1, ctx.n_layers - 1)
             a = stored_attention(ctx)
             if self.term_scale == "absolute":
-                x = a * ctx.keys.shape[-2]
+                x = a * (int(ctx.positions[-1]) + 1)  # keys the last query sees (dropped ones included)
                 a = x / (1 + x)
             s += self.alpha * w_l * self._scale(pool1d(a, self.pool_kernel))
         if self.beta:
