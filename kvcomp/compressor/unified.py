@@ -46,7 +46,6 @@ class Scoring:
               n_store: int, attn: tuple[torch.Tensor, torch.Tensor, float] | None, prompt_len: int) -> torch.Tensor:
         q, d = new_keys.shape[-2], new_keys.shape[-1]
         if n_store == 0:  # only an appended question reached this layer (propagation stopped the chunk)
-            self.queries.pop(layer_idx, None)
             return torch.zeros(0, device=new_keys.device)
         rope = cache.ropes[layer_idx]
         pre = rope.invert(new_keys, positions) if rope is not None else new_keys
