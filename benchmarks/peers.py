@@ -54,10 +54,13 @@ def rows_for(ratios: list[float]) -> list[dict[str, Any]]:
         rows.append({"name": f"kvcomp snapkv {r:g}", "system": "kvcomp", "env": "main",
                      "params": {"system": "kvcomp", "method": "snapkv",
                                 "overrides": {"compressor.precision.keep_ratio": keep}}})
-        rows.append({"name": f"kvcomp prompt_guided budget {r:g}", "system": "kvcomp", "env": "main",
+        budget = {"compressor.precision.mode": "budget", "compressor.precision.keep_ratio": keep}
+        # question=oracle (the default): the question is appended to every chunk, known before the prompt ends
+        rows.append({"name": f"kvcomp prompt_guided budget {r:g} question=oracle", "system": "kvcomp", "env": "main",
+                     "params": {"system": "kvcomp", "method": "prompt_guided", "overrides": budget}})
+        rows.append({"name": f"kvcomp prompt_guided budget {r:g} question=end", "system": "kvcomp", "env": "main",
                      "params": {"system": "kvcomp", "method": "prompt_guided",
-                                "overrides": {"compressor.precision.mode": "budget",
-                                              "compressor.precision.keep_ratio": keep}}})
+                                "overrides": {**budget, "compressor.question": "end"}}})
     for m in ("kvquant_stream", "livekvquant"):
         rows.append({"name": f"kvcomp {m}", "system": "kvcomp", "env": "main",
                      "params": {"system": "kvcomp", "method": m}})
