@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "per subtask and length; WikiText-2: "
                 f"{a.ppl_windows} window(s) of {a.ppl_ctx} context tokens through the cache, PPL on the next "
                 f"{a.ppl_cont}; greedy; kvpress ratios {a.ratios}")
-    cmd = ["benchmarks.peers", *(argv or sys.argv[1:])]
+    cmd = ["benchmarks.peers", *map(shlex.quote, argv or sys.argv[1:])]  # quoted: --only names have spaces
     head = header("kvcomp vs kvpress vs HF QuantizedCache", cmd).replace("`python -m", "`nice -n 19 python -m")
     head = head.replace("`nice", "`PEERS_SMOKE=1 nice") if smoke else head
     write_report(table, a.out_dir, head + f"- settings: {settings}\n")
