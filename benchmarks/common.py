@@ -70,15 +70,11 @@ def wikitext_ids(tok: Any, n: int) -> torch.Tensor:
 def timed_prefill(model: Any, compressor: Any, ids: torch.Tensor, question: torch.Tensor | None = None
                   ) -> tuple[float, dict[str, Any]]:
     """Seconds for one prefill (TTFT without the sampling step) and the cache statistics after it."""
-    from kvcomp.cache import cache_stats
-    from kvcomp.generation import prefill
-
-    cache = compressor.new_cache(model)
-    with compressor.attach(model, cache, question):
+    with compressor.session(model, question) as s:
         t0 = time.perf_counter()
-        prefill(model, cache, ids.to(next(model.parameters()).device), compressor.chunk_size)
+        s.prefill(ids.to(next(model.parameters()).device))
         dt = time.perf_counter() - t0
-    return dt, cache_stats(cache)
+    return dt, s.stats()
 
 
 def rss_child(exp: str, tokens: int, extra: list[str]) -> dict[str, Any]:

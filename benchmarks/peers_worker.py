@@ -5,7 +5,7 @@ transformers 5.2, optimum-quanto). Imports only torch + transformers, plus kvpre
 their own rows, so the same protocol runs everywhere:
 
 - every prompt: prefill ``prompt[:-1]`` into the system's cache (kvpress: inside ``press(model)``; kvcomp:
-  chunked, under ``compressor.attach``), count the bytes of every tensor the cache holds, then greedy decoding
+  chunked, in a ``compressor.session``), count the bytes of every tensor the cache holds, then greedy decoding
   from the last prompt token (same stop ids, same max new tokens). TTFT = prefill + first decode step.
   Peak RSS: kernel high-water mark (reset right before) minus RSS before the prefill.
 - WikiText-2 windows: prefill ``ctx`` the same way, then score ``cont`` teacher-forced through the
@@ -19,6 +19,7 @@ import ctypes
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +86,9 @@ class System:
 
             self.press = getattr(kvpress, params["press"])(compression_ratio=float(params["ratio"]))
 
-    def new_cache(self) -> Any:
+    def _new_cache(self) -> Any:
         from transformers import DynamicCache
 
-        if self.kind == "kvcomp":
-            return self.comp.new_cache(self.model)
         if self.p.get("nbits"):
             from transformers import QuantizedCache
 
@@ -99,19 +98,22 @@ class System:
             return QuantizedCache(backend="quanto", config=cfg, nbits=int(self.p["nbits"]), q_group_size=group)
         return DynamicCache(config=self.model.config)
 
-    def context(self, cache: Any, question: torch.Tensor | None) -> Any:
+    @contextlib.contextmanager
+    def run(self, question: torch.Tensor | None) -> Iterator[Any]:
+        """A fresh cache for one prompt, with this system's hooks installed while the block runs; yields it."""
         if self.kind == "kvcomp":
-            return self.comp.attach(self.model, cache, question)
-        if self.kind == "kvpress":
-            return self.press(self.model)
-        return contextlib.nullcontext()
+            with self.comp.session(self.model, question) as s:
+                self.session = s
+                yield s.cache
+            return
+        cache = self._new_cache()
+        with self.press(self.model) if self.kind == "kvpress" else contextlib.nullcontext():
+            yield cache
 
     def prefill(self, cache: Any, ids: torch.Tensor) -> torch.Tensor:
         """Last logits ``[1, V]`` after running ``ids`` [1, T] into ``cache``."""
         if self.kind == "kvcomp":
-            from kvcomp.generation import prefill
-
-            return prefill(self.model, cache, ids, self.comp.chunk_size)
+            return self.session.prefill(ids)
         return self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
@@ -120,11 +122,10 @@ def run_sample(sys_: System, s: dict[str, Any], stop: set[int]) -> dict[str, Any
     model = sys_.model
     ids = torch.tensor([s["prompt_ids"]])
     q = torch.tensor([s["question_ids"]]) if s.get("question_ids") else None
-    cache = sys_.new_cache()
     trim()
     rss0 = proc_kib("VmRSS")
     reset_hwm()
-    with sys_.context(cache, q):
+    with sys_.run(q) as cache:
         t0 = time.perf_counter()
         sys_.prefill(cache, ids[:, :-1])
         t_prefill = time.perf_counter() - t0
@@ -149,14 +150,13 @@ def run_sample(sys_: System, s: dict[str, Any], stop: set[int]) -> dict[str, Any
 def window_nll(sys_: System, ctx: list[int], cont: list[int]) -> tuple[float, int, int]:
     """Summed NLL of ``cont`` given ``ctx`` prefilled through the system's cache, its token count, and the
     bytes the cache held after the ``ctx`` prefill."""
-    cache = sys_.new_cache()
     c = torch.tensor([cont])
-    with sys_.context(cache, None):
+    with sys_.run(None) as cache:
         last = sys_.prefill(cache, torch.tensor([ctx]))
         kv = tensor_bytes(cache)
         if sys_.kind == "kvcomp":  # score the continuation through the cache, without compressing it
-            cache.scoring = None
-            cache.layer_scores.clear()
+            sys_.session.scoring = None
+            sys_.session.layer_scores.clear()
         pos = torch.arange(len(ctx), len(ctx) + len(cont)).unsqueeze(0)  # absolute, see run_sample
         logits = sys_.model(input_ids=c, past_key_values=cache, use_cache=True, position_ids=pos).logits[0]
     pred = torch.cat([last.float(), logits[:-1].float()])

@@ -68,7 +68,7 @@ def worker_params(key: str, a: argparse.Namespace) -> dict[str, Any]:
     """The worker's ``params`` of one configuration (chunk size / press ratio applied)."""
     params = dict(CONFIGS[key][1])
     if params["system"] == "kvcomp" and a.chunk_size:
-        params["overrides"] = {"compressor.chunk_size": a.chunk_size, "quantizer.chunk_size": a.chunk_size}
+        params["overrides"] = {"compressor.chunk_size": a.chunk_size}
     if params["system"] == "kvpress":
         params["ratio"] = a.press_ratio
     return params

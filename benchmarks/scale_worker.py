@@ -103,14 +103,13 @@ def measure(sys_: System, ids: torch.Tensor, question: torch.Tensor | None, deco
     for k in ("prefill_s", "ttft_s", "peak_prefill_bytes", "peak_total_bytes", "peak_reserved_bytes",
               "kv_bytes", "decode_ms"):
         res[k] = None
-    cache = sys_.new_cache()
     _sync(dev)
     before = _allocated(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     stage = "prefill"
     try:
-        with sys_.context(cache, question):
+        with sys_.run(question) as cache:
             t0 = time.perf_counter()
             logits = sys_.prefill(cache, ids)
             _sync(dev)
@@ -143,7 +142,7 @@ def measure(sys_: System, ids: torch.Tensor, question: torch.Tensor | None, deco
     if dev.type == "cuda":
         res["peak_total_bytes"] = torch.cuda.max_memory_allocated(dev)
         res["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)
-    del cache
+    cache = None
     _free(dev)
     return res
 

@@ -7,8 +7,8 @@
 
 ``method`` is an experiment name from ``conf/experiment/``; the config is composed through Hydra's compose
 API and built by the same registries as the CLI. Inside the block the *instance's* ``generate`` is wrapped:
-it builds a fresh cache (``compressor.new_cache``), installs the compressor's hooks, prefills the prompt
-except its last token chunk by chunk into that cache, then calls the original ``generate`` with
+it opens a ``compressor.session`` (fresh cache + the compressor's hooks), prefills the prompt except its last
+token chunk by chunk into that cache, then calls the original ``generate`` with
 ``past_key_values=cache`` (which runs the last prompt token and decodes). Nothing is global: the class,
 other models and other runs are untouched; on exit the instance attribute is removed again.
 """
@@ -24,7 +24,7 @@ import torch
 from kvcomp.errors import ConfigError, unknown_choice
 
 #: groups searched, in order, for an override given without a dot (``chunk_size=256``); it is set in each
-#: group that has the key (an experiment may link them, e.g. compressor.chunk_size: ${quantizer.chunk_size})
+#: group that has the key
 SHORT_KEY_GROUPS = ("compressor", "compressor.precision", "quantizer", "scorer", "propagation")
 
 
@@ -116,12 +116,22 @@ def build_compressor(method: str, overrides: dict[str, Any] | None = None, **sho
     return build_parts(cfg).compressor
 
 
-def _as_ids(ids: Any) -> torch.Tensor | None:
-    """List of ids or a tensor ``[T]`` / ``[1, T]`` -> LongTensor ``[1, T]`` (None stays None)."""
+def _as_ids(ids: Any, vocab: int | None = None, what: str = "question_ids") -> torch.Tensor | None:
+    """List of ids or a tensor ``[T]`` / ``[1, T]`` -> LongTensor ``[1, T]`` (None stays None); ids outside
+    ``[0, vocab)`` are a ValueError."""
     if ids is None:
         return None
     t = torch.as_tensor(ids, dtype=torch.long)
-    return t[None] if t.dim() == 1 else t
+    t = t[None] if t.dim() == 1 else t
+    if vocab is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+        raise ValueError(f"{what} holds id {int(t.max()) if int(t.max()) >= vocab else int(t.min())}, outside the "
+                         f"model's vocabulary [0, {vocab}); pass token ids from this model's tokenizer")
+    return t
+
+
+def _vocab(model: Any) -> int | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return int(emb.num_embeddings) if emb is not None and hasattr(emb, "num_embeddings") else None
 
 
 class CompressedRun:
@@ -129,14 +139,15 @@ class CompressedRun:
 
     def __init__(self, model: Any, compressor: Any, method: str, question_ids: Any = None) -> None:
         self.model, self.compressor, self.method = model, compressor, method
-        self.question: torch.Tensor | None = _as_ids(question_ids)
+        self.vocab = _vocab(model)
+        self.question: torch.Tensor | None = _as_ids(question_ids, self.vocab)
         self._stats: dict[str, Any] | None = None
         self._saved: Any = None
         self._active = False
 
     def set_question(self, ids: Any) -> None:
         """Question token ids (list, ``[T]`` or ``[1, T]``) for prompt-guided scorers; None clears it."""
-        self.question = _as_ids(ids)
+        self.question = _as_ids(ids, self.vocab)
 
     def stats(self) -> dict[str, Any]:
         """Cache statistics of the last ``generate`` (keys of ``CompressedCache.get_compression_stats``)."""
@@ -173,29 +184,52 @@ class CompressedRun:
     @torch.inference_mode()
     def generate(self, orig: Any, inputs: Any = None, *args: Any, **kwargs: Any) -> Any:
         """Chunked prefill of ``input_ids[:, :-1]`` into a fresh compressed cache, then ``orig`` from there."""
-        from kvcomp.cache import cache_stats
-        from kvcomp.generation import prefill
-
         if kwargs.get("past_key_values") is not None:
             raise ValueError("inside kvcomp.compress the cache is kvcomp's; do not pass past_key_values")
-        question = _as_ids(kwargs.pop("question_ids", None))
+        question = _as_ids(kwargs.pop("question_ids", None), self.vocab)
         question = question if question is not None else self.question
         ids = kwargs.pop("input_ids", None) if inputs is None else inputs
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-            raise ValueError("kvcomp.compress needs input_ids [B, T] (a LongTensor) passed to generate")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1:
+            raise ValueError("kvcomp.compress needs input_ids [B, T] (a LongTensor, T >= 1) passed to generate")
+        _as_ids(ids, self.vocab, "input_ids")
         mask = kwargs.pop("attention_mask", None)
         if mask is not None and not bool(mask.all()):
             raise ValueError("padded batches are not supported inside kvcomp.compress; pass one prompt at a time")
-        if ids.shape[1] < 2:
-            raise ValueError("the prompt needs at least 2 tokens")
+        expand = self._check_generate(ids, kwargs)
         device = ids.device
-        cache = self.compressor.new_cache(self.model)
         q = question.to(device) if question is not None else None
-        with self.compressor.attach(self.model, cache, q):
-            prefill(self.model, cache, ids[:, :-1], self.compressor.chunk_size)
-            out = orig(ids, *args, past_key_values=cache, attention_mask=torch.ones_like(ids), **kwargs)
-        self._stats = cache_stats(cache)
+        with self.compressor.session(self.model, q) as s:
+            if ids.shape[1] > 1:
+                s.prefill(ids[:, :-1])
+            if expand > 1:  # generate repeats input_ids per beam / sequence; the prefilled cache follows
+                s.cache.batch_repeat_interleave(expand)
+            out = orig(ids, *args, past_key_values=s.cache, attention_mask=torch.ones_like(ids), **kwargs)
+        self._stats = s.stats()
         return out
+
+    def _check_generate(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> int:
+        """Refuse what kvcomp's cache cannot do exactly, before any prefill; return the rows per prompt."""
+        from kvcomp.model.arch import ropes, text_config
+
+        for key in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"{key}= (assisted decoding) crops the cache, which kvcomp's cannot; drop {key}")
+        gc = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        nb = int(kwargs.get("num_beams") or getattr(gc, "num_beams", 1) or 1)
+        nrs = int(kwargs.get("num_return_sequences") or getattr(gc, "num_return_sequences", 1) or 1)
+        if ids.shape[0] > 1 and getattr(self.compressor, "scorer", None) is not None:
+            raise ValueError(f"{self.method} decides by importance which tokens to keep (and at which width) once "
+                             f"for the whole batch, so rows would share one decision; pass one prompt at a time "
+                             f"(batch of {ids.shape[0]} given)")
+        needs = self.compressor.needs(text_config(self.model).num_hidden_layers)
+        exact = self.compressor.chunk_size == 0 and not (needs.pre_rope or needs.masks)  # the plain cache's way
+        limit = min((r.limit for r in ropes(self.model) or [] if r is not None and r.limit), default=None)
+        new = int(kwargs.get("max_new_tokens") or getattr(gc, "max_new_tokens", None) or 0)
+        if limit is not None and not exact and ids.shape[1] + new > limit:
+            raise ValueError(f"{type(self.model).__name__}: its RoPE rescales with the sequence length past {limit} "
+                             f"tokens, so kvcomp's re-rotated keys would differ from the model's; prompt + "
+                             f"max_new_tokens = {ids.shape[1] + new}: keep it <= {limit}")
+        return max(nb, nrs)
 
 
 def compress(model: Any, method: str, *, overrides: dict[str, Any] | None = None, question_ids: Any = None,
@@ -209,4 +243,6 @@ def compress(model: Any, method: str, *, overrides: dict[str, Any] | None = None
     """
     if not callable(getattr(model, "generate", None)) or not hasattr(model, "config"):
         raise ValueError(f"{type(model).__name__} is not a transformers causal LM (no generate/config)")
-    return CompressedRun(model, build_compressor(method, overrides, **short), method, question_ids)
+    compressor = build_compressor(method, overrides, **short)
+    compressor.check(model)  # unsupported model x method: one ValueError now, before any prefill
+    return CompressedRun(model, compressor, method, question_ids)

@@ -42,13 +42,9 @@ class Engine:
         ids = torch.tensor([prompt_ids], device=self.device)
         stops = self.stop_ids | set(extra_stop_ids or ())
         q = torch.tensor([question_ids], device=self.device) if question_ids else None
-        cache = self.compressor.new_cache(self.model)
-        with self.compressor.attach(self.model, cache, q):
-            gen = greedy_generate(
-                self.model, cache, ids, max_new_tokens, stops, self.compressor.chunk_size,
-                min_new_tokens=1 if extra_stop_ids else 0, teacher_ids=teacher_ids,
-            )
-        del cache
+        with self.compressor.session(self.model, q) as s:
+            gen = greedy_generate(s, ids, max_new_tokens, stops, min_new_tokens=1 if extra_stop_ids else 0,
+                                  teacher_ids=teacher_ids)
         toks = gen.tokens[:-1] if gen.tokens and gen.tokens[-1] in stops else gen.tokens
         return self.tokenizer.decode(toks, skip_special_tokens=True), gen
 
@@ -56,19 +52,16 @@ class Engine:
                        ) -> tuple[torch.Tensor, Generation]:
         """Prefill ``prompt_ids`` through the compressor (timed), then teacher-force ``target_ids`` as decode
         steps; returns their log-probs [m, V] and the prefill's Generation (no generated tokens)."""
-        from kvcomp.cache import cache_stats
         from kvcomp.fidelity import teacher_force
-        from kvcomp.generation import prefill
         from kvcomp.profiler import MemoryProfiler, Timer
 
         ids = torch.tensor([prompt_ids], device=self.device)
         q = torch.tensor([question_ids], device=self.device) if question_ids else None
-        cache = self.compressor.new_cache(self.model)
-        with self.compressor.attach(self.model, cache, q):
+        with self.compressor.session(self.model, q) as s:
             with MemoryProfiler(device=self.device) as prof, Timer(self.device) as t:
-                last = prefill(self.model, cache, ids, self.compressor.chunk_size)
-            stats = cache_stats(cache)
-            logp = teacher_force(self.model, cache, last, target_ids)
+                last = s.prefill(ids)
+            stats = s.stats()
+            logp = teacher_force(self.model, s.cache, last, target_ids)
         return logp, Generation([], len(prompt_ids), t.s, 0.0, prof.result, stats)
 
     @staticmethod

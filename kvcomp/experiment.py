@@ -155,6 +155,7 @@ def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) 
     out = Path(output_dir) if output_dir is not None else None
     name = str(c.get("exp_name", "run"))
     model, tok = load_model(parts.model)
+    parts.compressor.check(model)  # model x method refused here, as kvcomp.compress does, before any prefill
     parts.logger.start(c, out, name)
     ok, records, stop = False, [], interrupt.install()
     try:

@@ -157,11 +157,10 @@ def reference_logprobs(model: Any, prompt_ids: list[int], target_ids: list[int])
     """The full cache's log-probs [m, V]: plain ``DynamicCache``, whole prompt in one forward, then decode."""
     from transformers import DynamicCache
 
-    from kvcomp.generation import prefill
-
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
-    last = prefill(model, cache, torch.tensor([prompt_ids], device=device), 0)
+    ids = torch.tensor([prompt_ids], device=device)
+    last = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
     return teacher_force(model, cache, last, target_ids)
 
 

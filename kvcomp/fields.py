@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache
 from typing import Any, Literal, TypeVar, Union
 
@@ -106,7 +106,8 @@ def _problem(tp: Any, rule: Rule, value: Any) -> str | None:
         return problems[0] + (" or null" if type(None) in args else "")
     if origin in (list, tuple):
         elem = args[0] if args else Any
-        n_ok = isinstance(value, list | tuple) and (rule.min_len is None or len(value) >= rule.min_len) and (
+        is_list = isinstance(value, Sequence) and not isinstance(value, str)  # a ListConfig too
+        n_ok = is_list and (rule.min_len is None or len(value) >= rule.min_len) and (
             rule.max_len is None or len(value) <= rule.max_len)
         if not n_ok or any(_problem(elem, rule, v) is not None for v in value):
             return f"must be {_list(elem, rule)}"
@@ -139,7 +140,7 @@ def _is_type(tp: Any, value: Any) -> bool:
         return isinstance(value, str)
     origin = typing.get_origin(tp)
     if origin is dict or tp is dict:
-        return isinstance(value, dict)
+        return isinstance(value, Mapping)  # a DictConfig too
     if origin in (Union, types.UnionType):
         return any(_is_type(a, value) for a in typing.get_args(tp))
     return isinstance(tp, type) and isinstance(value, tp)

@@ -1,7 +1,8 @@
 """Checks a run passes before any model or data loads (``experiment.run`` calls these first).
 
 - the top-level keys (``seed``, ``compare_baseline``, ``allow_long_context``, ``budget_kv_bytes``) have the
-  types and ranges declared on ``RunSettings`` (components check theirs when the registry binds them);
+  types and ranges declared on ``RunSettings`` (components check theirs when the registry binds them), and
+  ``objective=score_under_budget`` comes with a ``budget_kv_bytes``;
 - the task's longest prompt plus generation fits the model's ``max_position_embeddings``, read from the
   model's config without loading weights, unless ``allow_long_context=true``.
 """
@@ -37,6 +38,10 @@ def check_settings(c: dict[str, Any]) -> None:
     """ConfigError naming the top-level key whose value is not allowed (before the groups are built)."""
     names = {f.name for f in dataclasses.fields(RunSettings)}
     check(RunSettings, {k: v for k, v in c.items() if k in names}, "")
+    spec = c.get("objective", "score")
+    specs = spec if isinstance(spec, list | tuple) else [spec]
+    if "score_under_budget" in specs and c.get("budget_kv_bytes") is None:
+        raise ConfigError("objective=score_under_budget needs budget_kv_bytes=<bytes> (a positive number)")
 
 
 def check_context(c: dict[str, Any], model: ModelConfig, task: Any) -> None:

@@ -15,7 +15,8 @@ def method_label(cfg: Mapping[str, Any]) -> str:
 
 
 def side_by_side(m: Mapping[str, Any], label: str = "this run") -> str:
-    """Rows: score, KV MiB held, x fewer bytes than fp16, memory saved, TTFT, peak RSS during prefill.
+    """Rows: score (with its 95 % interval and the paired difference when the run has them), KV MiB held,
+    x fewer bytes than fp16, memory_savings, TTFT, peak RSS during prefill.
 
     ``m`` is a run's metrics with the ``baseline_*`` numbers of ``compare_baseline=true``; a number a
     run did not measure is shown as '-'."""
@@ -39,12 +40,27 @@ def side_by_side(m: Mapping[str, Any], label: str = "this run") -> str:
         ("peak RSS in prefill (MiB)", _div(m.get("peak_rss_bytes")), _div(m.get("baseline_peak_rss_bytes")),
          "{:.0f}".format),
     ]
-    width = max(len(label), 10)
-    lines = [f"{'':<26} {label:>{width}}   {'full cache':>10}"]
-    for name, a, b, fmt in rows:
-        lines.append(f"{name:<26} {_cell(a, fmt):>{width}}   {_cell(b, fmt):>10}")
+    cells = [(name, _cell(a, fmt), _cell(b, fmt)) for name, a, b, fmt in rows]
+    ci, base_ci = (m.get("ci") or {}).get("score"), (m.get("baseline_ci") or {}).get("score")
+    if ci or base_ci:
+        cells.insert(1, ("  95 % interval", _interval(ci), _interval(base_ci)))
+    diff = (m.get("diff_vs_baseline") or {}).get("score")
+    if diff and diff.get("mean") is not None:
+        verdict = "differs" if diff.get("significant") else "tie"
+        cells.insert(2 if ci or base_ci else 1,
+                     ("  minus full cache (paired)", f"{diff['mean']:+.1f} {_interval(diff)} {verdict}", ""))
+    w1 = max(len(label), *(len(a) for _, a, _ in cells))
+    w2 = max(len("full cache"), *(len(b) for _, _, b in cells))
+    lines = [f"{'':<28} {label:>{w1}}   {'full cache':>{w2}}"]
+    lines += [f"{name:<28} {a:>{w1}}   {b:>{w2}}" for name, a, b in cells]
     lines.append("(KV bytes: what the cache holds after the answer; RSS: the whole process, weights included)")
     return "\n".join(lines)
+
+
+def _interval(iv: Mapping[str, Any] | None) -> str:
+    if not iv or iv.get("low") is None:
+        return "-"
+    return f"[{iv['low']:.1f}, {iv['high']:.1f}]"
 
 
 def _div(x: Any) -> float | None:

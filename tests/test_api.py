@@ -36,15 +36,12 @@ def prompt(n: int = 300, seed: int = 0) -> torch.Tensor:
 def manual_greedy(model, method: str, ids: torch.Tensor, n: int, **kw) -> torch.Tensor:
     """Reference: kvcomp's own chunked prefill of ids[:, :-1], then a hand-written greedy loop, ``[1, T + n]``."""
     from kvcomp.api import build_compressor
-    from kvcomp.generation import prefill
-
     comp = build_compressor(method, **kw)
-    cache = comp.new_cache(model)
-    with comp.attach(model, cache):
-        prefill(model, cache, ids[:, :-1], comp.chunk_size)
+    with comp.session(model) as s:
+        s.prefill(ids[:, :-1])
         nxt, out = ids[:, -1:], [ids]
         for _ in range(n):
-            nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            nxt = s.step(nxt).argmax(-1)[:, None]
             out.append(nxt)
     return torch.cat(out, dim=1)
 
@@ -138,7 +135,7 @@ def test_unknown_method_and_keys_raise_value_error() -> None:
 def test_overrides_reach_the_components() -> None:
     model = build("llama")
     run = kvcomp.compress(model, "kvquant_stream", chunk_size=256, overrides={"quantizer.key_bits_normal": 8})
-    assert run.compressor.chunk_size == 256 and run.compressor.quantizer.chunk_size == 256
+    assert run.compressor.chunk_size == 256 and not hasattr(run.compressor.quantizer, "chunk_size")
     assert run.compressor.quantizer.key_bits_normal == 8
     run = kvcomp.compress(model, "snapkv", keep_ratio=0.25)
     assert run.compressor.policy.keep_ratio == 0.25
@@ -148,13 +145,13 @@ def test_question_reaches_the_compressor() -> None:
     model, ids = build("llama"), prompt(128)
     seen: list[torch.Tensor | None] = []
     run = kvcomp.compress(model, "prompt_guided", chunk_size=32)
-    attach = run.compressor.attach
+    session = run.compressor.session
 
-    def spy(m, cache, q=None):
+    def spy(m, q=None):
         seen.append(q)
-        return attach(m, cache, q)
+        return session(m, q)
 
-    run.compressor.attach = spy
+    run.compressor.session = spy
     with run:
         model.generate(input_ids=ids, **GREEDY)
         run.set_question([5, 6, 7])

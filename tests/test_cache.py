@@ -7,7 +7,6 @@ import torch
 from test_quant import QUANTIZER_CFGS, build
 
 from kvcomp.cache import CompressedCache
-from kvcomp.generation import prefill
 from kvcomp.registry import COMPRESSORS, QUANTIZERS
 
 T = 200
@@ -26,10 +25,11 @@ def full_logits(tiny, ids) -> torch.Tensor:
 
 
 def chunked_logits(model, quantizer, ids: torch.Tensor, chunk: int) -> tuple[torch.Tensor, CompressedCache]:
-    cache = CompressedCache(model, quantizer)
+    comp = COMPRESSORS.build({"name": "unified", "chunk_size": chunk}, quantizer=quantizer)
     outs: list[torch.Tensor] = []
-    prefill(model, cache, ids, chunk, on_logits=lambda lg, s: outs.append(lg))
-    return torch.cat(outs, dim=1), cache
+    with comp.session(model) as s:
+        s.prefill(ids, on_logits=lambda lg, start: outs.append(lg))
+    return torch.cat(outs, dim=1), s.cache
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 37, 64])

@@ -26,7 +26,6 @@ def test_teacher_forcing_leaves_generation_alone_and_matches_a_fresh_prefill(tin
     state after the prefill) equal those of a fresh prefill followed by the same decode steps."""
     from kvcomp.engine import Engine
     from kvcomp.fidelity import teacher_force
-    from kvcomp.generation import prefill
 
     model, tok = tiny
     eng = Engine(model, tok, _comp(exp))
@@ -39,10 +38,9 @@ def test_teacher_forcing_leaves_generation_alone_and_matches_a_fresh_prefill(tin
     assert gen0.tokens == gen1.tokens and text0 == text1
     assert gen1.forced is not None and gen1.forced.shape == (len(target), model.config.vocab_size)
     comp = eng.compressor
-    cache = comp.new_cache(model)
-    with comp.attach(model, cache, torch.tensor([question])):
-        last = prefill(model, cache, torch.tensor([prompt]), comp.chunk_size)
-        ref = teacher_force(model, cache, last, target)
+    with comp.session(model, torch.tensor([question])) as s:
+        last = s.prefill(torch.tensor([prompt]))
+        ref = teacher_force(model, s.cache, last, target)
     torch.testing.assert_close(gen1.forced, ref, rtol=0, atol=1e-5)
     logp, _ = eng.teacher_forced(prompt, target, question)
     torch.testing.assert_close(logp, ref, rtol=0, atol=1e-5)

@@ -62,6 +62,16 @@ def test_good_values_pass_and_bind_builds() -> None:
         bind(Demo, {"nn": 1}, "demo")
 
 
+def test_omegaconf_containers_pass() -> None:
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.create({"bits": [2, 4], "random": {"a": 1}})
+    check(Demo, {"bits": c.bits}, "demo")
+    check(ModelConfig, {"random": c.random}, "model")
+    with pytest.raises(ConfigError, match="demo.bits=.* must be a list of 2 values from: 2, 4, 8"):
+        check(Demo, {"bits": OmegaConf.create([2, 3])}, "demo")
+
+
 def test_subclass_keeps_bounds_of_a_redeclared_field() -> None:
     with pytest.raises(ConfigError, match="child.n=0 must be an integer > 0"):
         check(Child, {"n": 0}, "child")

@@ -7,7 +7,7 @@ import torch
 
 from kvcomp.compressor.precision import Precision
 from kvcomp.errors import ConfigError
-from kvcomp.generation import greedy_generate, prefill
+from kvcomp.generation import greedy_generate
 from kvcomp.propagator.base import decoder_layers
 from kvcomp.registry import COMPRESSORS, PROPAGATORS, QUANTIZERS, SCORERS
 from kvcomp.scorer.base import ScoreContext
@@ -33,8 +33,11 @@ def needle_context(n: int = 64, needle: tuple[int, int] = (40, 44), d: int = 16)
     keys[:, :, n:] = direction * 3  # the appended question tokens themselves
     queries = direction.expand(1, 4, 4, d) * 3
     pos = torch.arange(5000, 5000 + n + 4)  # mid-prompt
-    return ScoreContext(layer_idx=3, n_layers=8, keys=keys, new_keys_pre=keys, queries=queries.clone(),
-                        positions=pos, n_store=n, held=0, scaling=d**-0.5, prompt_len=10_000)
+    logits = torch.matmul(queries, keys.repeat_interleave(2, dim=1).transpose(-1, -2)) * d**-0.5
+    logits = logits.masked_fill(torch.ones(4, n + 4, dtype=torch.bool).triu_(n + 1), float("-inf"))
+    return ScoreContext(layer_idx=3, n_layers=8, new_keys=keys, new_keys_pre=keys, queries=queries.clone(),
+                        lse=torch.logsumexp(logits, dim=-1), positions=pos, n_store=n, scaling=d**-0.5,
+                        prompt_len=10_000)
 
 
 @pytest.mark.parametrize("name", SCORERS_CFG)
@@ -86,9 +89,9 @@ def test_mixed_precision_is_real_storage(tiny) -> None:
     stats = {}
     for mode in ("none", "tiers"):
         comp = unified("key_norm", "uniform", precision={"mode": mode, "normalize": "rank"})
-        cache = comp.new_cache(model)
-        with comp.attach(model, cache):
-            prefill(model, cache, ids, comp.chunk_size)
+        with comp.session(model) as s:
+            s.prefill(ids)
+        cache = s.cache
         stats[mode] = cache.get_compression_stats()
         widths = {getattr(b, "bits", 16) for layer in cache.layers for b in layer.k_blocks}
         assert widths == ({4} if mode == "none" else {2, 4, 8})
@@ -102,9 +105,8 @@ def test_every_component_off_reproduces_full_cache(tiny) -> None:
         ref = model(ids).logits[:, -1]
     for comp in (unified(chunk=40), unified("random", propagation="layer_ratio", early=1.0, middle=1.0, late=1.0,
                                             chunk=40)):
-        cache = comp.new_cache(model)
-        with comp.attach(model, cache, ids[:, -5:]):
-            last = prefill(model, cache, ids, comp.chunk_size)
+        with comp.session(model, ids[:, -5:]) as s:
+            last = s.prefill(ids)
         assert torch.allclose(last, ref, atol=1e-4), (last - ref).abs().max()
 
 
@@ -119,10 +121,10 @@ def test_dropped_tokens_never_reach_later_layers(tiny) -> None:
     model, _ = tiny
     ids = torch.randint(3, 250, (1, 200), generator=torch.Generator().manual_seed(3))
     comp = unified("snapkv", propagation="layer_ratio", chunk=0, keep_last=0)
-    cache = comp.new_cache(model)
-    with comp.attach(model, cache):
+    with comp.session(model) as s:
         seen, hooks = count_layer_inputs(model)  # registered after ours: sees the sliced kwargs
-        prefill(model, cache, ids)
+        s.prefill(ids)
+    cache = s.cache
     for h in hooks:
         h.remove()
     # 4 layers: early band = layer 0 (keeps 80 % after it), middle = 1-2 (60 %), late = 3 (40 %)
@@ -138,9 +140,9 @@ def test_decode_after_propagation_keeps_absolute_positions(tiny) -> None:
     model, _ = tiny
     ids = torch.randint(3, 250, (1, 200), generator=torch.Generator().manual_seed(3))
     comp = unified("snapkv", propagation="layer_ratio", chunk=64, keep_last=0)
-    cache = comp.new_cache(model)
-    with comp.attach(model, cache):
-        gen = greedy_generate(model, cache, ids, 5, set(), comp.chunk_size)
+    with comp.session(model) as s:
+        gen = greedy_generate(s, ids, 5, set())
+    cache = s.cache
     assert len(gen.tokens) == 5
     assert cache.get_seq_length() == 204
     for layer in cache.layers:  # 4 generated tokens were decoded at 200..203, in every layer
@@ -160,9 +162,9 @@ def test_generate_after_propagation_and_drops(tiny) -> None:
                      precision={"mode": "tiers", "drop_low": True}),
                 dict(scorer="snapkv", propagation="fastkv_tsp", precision={"mode": "budget", "keep_ratio": 0.3})):
         comp = unified(chunk=64, **exp)
-        cache = comp.new_cache(model)
-        with comp.attach(model, cache, ids[:, -6:]):
-            gen = greedy_generate(model, cache, ids, 20, set(), comp.chunk_size)
+        with comp.session(model, ids[:, -6:]) as s:
+            gen = greedy_generate(s, ids, 20, set())
+        cache = s.cache
         assert len(gen.tokens) == 20 and cache.get_seq_length() == 319
         assert cache.get_compression_stats()["tokens_dropped"] > 0
 
@@ -178,11 +180,11 @@ def test_question_guides_every_chunk(tiny) -> None:
     model, _ = tiny
     ids = torch.randint(3, 250, (1, 130), generator=torch.Generator().manual_seed(5))
     comp = unified("prompt_guided", chunk=50)
-    cache = comp.new_cache(model)
     lengths: list[int] = []
     h = model.register_forward_pre_hook(lambda m, a, k: lengths.append(k["input_ids"].shape[1]), with_kwargs=True)
-    with comp.attach(model, cache, ids[:, -7:]):
-        prefill(model, cache, ids, comp.chunk_size)
+    with comp.session(model, ids[:, -7:]) as s:
+        s.prefill(ids)
+    cache = s.cache
     h.remove()
     assert lengths == [57, 57, 30]  # question appended to the two non-final chunks
     assert cache.get_seq_length() == 130 and cache.layers[0].held() == 130  # its K/V never stored
@@ -193,5 +195,5 @@ def test_propagation_with_flash_attention_is_a_config_error(tiny, monkeypatch) -
     comp = unified("snapkv", propagation="layer_ratio", chunk=64)
     monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
     with pytest.raises(ConfigError, match="attn_implementation=flash_attention_2"):
-        with comp.attach(model, comp.new_cache(model)):
+        with comp.session(model):
             pass

@@ -20,6 +20,8 @@ from kvcomp.preflight import _from_gguf, check_context, check_settings, max_posi
     ({"seed": 1.5}, "seed=1.5 must be an integer >= 0"),
     ({"compare_baseline": "maybe"}, "compare_baseline=maybe must be true or false"),
     ({"budget_kv_bytes": 0}, "budget_kv_bytes=0 must be a number > 0 or null"),
+    ({"objective": "score_under_budget"},
+     "objective=score_under_budget needs budget_kv_bytes=<bytes> (a positive number)"),
 ])
 def test_top_level_values(c: dict, message: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -2,80 +2,86 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from transformers.cache_utils import Cache
 
-from kvcomp.cache.layer import CompressedLayer, PrecisionPolicy
-from kvcomp.cache.rope import Rope, find_rotary
+from kvcomp.cache.layer import CompressedLayer
+from kvcomp.cache.rope import Rope
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
 
 
-class CompressedCache(Cache):
-    """One ``CompressedLayer`` per decoder layer. ``get_seq_length()`` stays absolute (tokens seen).
+@runtime_checkable
+class RunHooks(Protocol):
+    """What a compressed cache's layers ask of the run they belong to (``kvcomp.session.Session``)."""
 
-    Hooks the compressor drives (all optional):
+    deferred: bool  # the model's attention reads the layers (kernels/interface.py): store after it ran
+    guide_appended: int  # trailing tokens of the current forward that attention sees but are never stored
 
-    - ``pending_positions[l]``: absolute positions of the tokens entering layer ``l`` (a propagator sets
-      them after dropping hidden states); otherwise positions follow on from the tokens seen;
-    - ``guide_appended``: trailing tokens of the current forward (a question appended to a prefill chunk)
-      that attention sees but the cache never stores;
-    - ``scoring``: an object with ``score(layer_idx, keys, new_keys, positions, n_store) -> [n_store]``
-      giving each stored token an importance; scores of layer ``l`` are kept in ``layer_scores[l]``;
-    - ``policy``: maps those scores to bits per token (0 = drop, -1 = quantizer's width) when tokens are
-      flushed (``kvcomp.compressor.precision.Precision``).
-    """
-
-    def __init__(self, model: Any, quantizer: Quantizer, policy: PrecisionPolicy | None = None,
-                 scoring: Any = None) -> None:
-        n_layers = model.config.num_hidden_layers
-        rotary = find_rotary(model)
-        if quantizer.pre_rope and rotary is None:
-            raise ValueError("quantizer.pre_rope=true needs a model with a rotary_emb module; set it to false")
-        self.rope = Rope(rotary) if rotary is not None else None
-        layers = [CompressedLayer(i, quantizer, self.rope, self) for i in range(n_layers)]
-        super().__init__(layers=layers)
-        self.quantizer = quantizer
-        self.policy = policy
-        self.scoring = scoring
-        self.pending_positions: dict[int, torch.Tensor] = {}
-        self.step_positions: torch.Tensor | None = None  # absolute positions of this forward's tokens
-        self.layer_scores: dict[int, torch.Tensor] = {}
-        self.guide_appended = 0
-        self.guide_ids: torch.Tensor | None = None  # question ids appended to non-final prefill chunks
-        self.prompt_len = 0  # set by prefill (a budget in tokens becomes a ratio of it)
-
-    # -- hooks used by the layers ------------------------------------------------------------------
     def take_positions(self, layer_idx: int, seen: int, q: int, device: torch.device) -> torch.Tensor:
-        """Absolute positions [q] of the tokens a layer receives in this forward."""
-        pos = self.pending_positions.pop(layer_idx, None)
-        if pos is None:
-            # layer 0 sees every token, so its count is absolute; later layers reuse its positions for this
-            # forward (after propagation dropped tokens, their own count is smaller than the sequence)
-            step = self.step_positions
-            if layer_idx == 0 or step is None or step.numel() != q:
-                step = torch.arange(seen, seen + q, device=device)
-                if layer_idx == 0:
-                    self.step_positions = step
-            return step.to(device)
-        if pos.numel() != q:
-            raise RuntimeError(f"layer {layer_idx}: {pos.numel()} pending positions for {q} new tokens")
-        return pos.to(device)
+        """Absolute positions [q] of the tokens layer ``layer_idx`` receives in this forward."""
+        ...
 
-    def score(self, layer_idx: int, keys: torch.Tensor, new_keys: torch.Tensor, positions: torch.Tensor,
-              n_store: int) -> torch.Tensor | None:
-        """Importance [n_store] of the stored new tokens (None without a scorer or during decode)."""
-        if self.scoring is None or new_keys.shape[-2] == 1:
-            return None
-        s = self.scoring.score(self, layer_idx, keys, new_keys, positions, n_store)
-        self.layer_scores[layer_idx] = s
-        return s
+    def score(self, layer_idx: int, new_keys: torch.Tensor, positions: torch.Tensor, n_store: int,
+              attn: tuple[torch.Tensor, torch.Tensor, float] | None) -> torch.Tensor | None:
+        """Importance [n_store] of the stored new tokens, or None."""
+        ...
 
     def token_bits(self, layer_idx: int, scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
-        return None if self.policy is None else self.policy(scores, pos, self.prompt_len)
+        """Bits per token (0 = drop, -1 = the quantizer's width), or None (all at the quantizer's width)."""
+        ...
+
+
+class Standalone:
+    """``RunHooks`` of a cache used outside a session: positions follow on, nothing scored, nothing dropped."""
+
+    deferred = False
+    guide_appended = 0
+
+    def take_positions(self, layer_idx: int, seen: int, q: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(seen, seen + q, device=device)
+
+    def score(self, *args: Any) -> None:
+        return None
+
+    def token_bits(self, *args: Any) -> None:
+        return None
+
+
+STANDALONE = Standalone()
+
+
+class CompressedCache(Cache):
+    """One ``CompressedLayer`` per decoder layer; a plain store. ``get_seq_length()`` stays absolute (tokens
+    seen). Per-prompt state (positions after propagation, guide tokens, scores, the precision policy) belongs to
+    the run the cache is bound to (``bind``; ``RunHooks``), by default ``Standalone``."""
+
+    def __init__(self, model: Any, quantizer: Quantizer) -> None:
+        from kvcomp.model.arch import Needs, check, ropes, text_config
+
+        n_layers = text_config(model).num_hidden_layers
+        check(model, Needs(pre_rope=quantizer.pre_rope, method="quantizer.pre_rope=true"))
+        #: per layer: the model's RoPE for that layer (its layer type), None without RoPE
+        self.ropes: list[Rope | None] = ropes(model) or [None] * n_layers
+        self.rope = self.ropes[0]
+        layers = [CompressedLayer(i, quantizer, self.ropes[i], self) for i in range(n_layers)]
+        super().__init__(layers=layers)
+        self.quantizer = quantizer
+        self._run: Callable[[], RunHooks | None] = lambda: None
+
+    @property
+    def run(self) -> RunHooks:
+        """The run this cache is bound to (held weakly: the cache stores K/V, not the run's objects)."""
+        return self._run() or STANDALONE
+
+    def bind(self, run: RunHooks) -> None:
+        """Attach the run (a ``Session``) whose state the layers use."""
+        self._run = weakref.ref(run)
 
     # -- statistics --------------------------------------------------------------------------------
     @property

@@ -1,10 +1,13 @@
 """One layer of the compressed cache: packed history segments + a full-precision residual of recent tokens.
 
-``update(k, v)`` (k post-RoPE, ``[B, H_kv, q, D]``) returns the K/V attention needs — the dequantized
-history (RoPE re-applied at each token's absolute position) followed by the new tokens exactly as given —
-and only then stores the new tokens: into the residual, flushing everything older than
+Inside a compressed run (``kernels/interface.py``) the model's attention reads this layer directly:
+``update(k, v)`` (k post-RoPE, ``[B, H_kv, q, D]``) takes a view of the history and returns the new
+tokens untouched; the attention function then calls ``attend(query, k, v, scale)``, which attends over
+the packed history tile by tile plus the new tokens (causal, ``kernels/chunk.py``), scores them from the
+same pass, and only then stores them: into the residual, flushing everything older than
 ``quantizer.residual_length`` into packed segments (prefill chunks), or one ``flush_group`` at a time
-(decode). A chunk therefore attends to the compressed history plus its own full-precision K/V.
+(decode). Used outside such a run, ``update`` returns ``materialize(k, v)`` (the dequantized history
+followed by the new tokens) and stores at once; ``materialize`` is otherwise only the tests' oracle.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.profiler import record_function
 from transformers.cache_utils import CacheLayerMixin
 
-from kvcomp.cache.rope import Rope, rotate
-from kvcomp.cache.storage import Dense, Stored, nbytes, numel
+from kvcomp.cache.rope import Rope
+from kvcomp.cache.storage import Dense, Rows, Stored, nbytes, numel
+from kvcomp.kernels.chunk import History, chunk_attention
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
@@ -37,7 +42,7 @@ class CompressedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.quantizer = quantizer
         self.rope = rope if quantizer.pre_rope else None
-        self.owner = owner  # the CompressedCache: pending positions, precision policy
+        self.owner = owner  # the CompressedCache (its ``run``: positions, guide, scores, bits per token)
         self.reset()
 
     # -- transformers CacheLayerMixin API ------------------------------------------------------------
@@ -56,6 +61,7 @@ class CompressedLayer(CacheLayerMixin):
         self.state: dict[str, Any] = self.quantizer.init_state()
         self.seen = 0  # absolute tokens processed (the sequence length the model sees)
         self.dropped = 0
+        self.pending: tuple[History, torch.Tensor] | None = None
         self.is_initialized = False
 
     def get_seq_length(self) -> int:
@@ -69,6 +75,11 @@ class CompressedLayer(CacheLayerMixin):
         n = sum(int(p.numel()) for p in self.pos_blocks)
         return n + (0 if self.res_pos is None else int(self.res_pos.numel()))
 
+    def held_positions(self) -> torch.Tensor:
+        """Absolute positions (int32) of the held tokens, in the order ``materialize`` returns them."""
+        pb = [*self.pos_blocks, *([] if self.res_pos is None else [self.res_pos])]
+        return torch.cat(pb) if pb else torch.zeros(0, dtype=torch.int32)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """kv_offset = seen - held, so held history sits just before the queries: all of it visible,
         and the new tokens stay causal among themselves at their true positions."""
@@ -79,17 +90,55 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        positions = self.owner.take_positions(self.layer_idx, self.seen, q, key_states.device)
+        positions = self.owner.run.take_positions(self.layer_idx, self.seen, q, key_states.device)
+        if self.owner.run.deferred:  # the attention function reads the history, then stores (``attend``)
+            self.pending = (self.history(), positions)
+            return key_states, value_states
         keys, values = self.materialize(key_states, value_states)
+        self._store(key_states, value_states, positions, None)
+        return keys, values
+
+    def history(self) -> History:
+        """What this layer holds now, as a view that later stores leave unchanged."""
+        return History(list(self.k_blocks), list(self.v_blocks), list(self.pos_blocks), self.res_k, self.res_v,
+                       self.res_pos)
+
+    def attend(self, query: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, scale: float,
+               impl: str = "tiled", window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """Attention of ``query`` ``[B, Hq, q, D]`` over the history this forward found plus its own post-RoPE
+        ``key_states``/``value_states`` ``[B, Hkv, q, D]`` (causal), then store those tokens (their scores come
+        from the same pass). Returns ``[B, Hq, q, D]``. ``impl="materialize"``: the oracle (whole history)."""
+        if self.pending is None:
+            raise RuntimeError(f"layer {self.layer_idx}: attend() without a preceding update()")
+        hist, positions = self.pending
+        self.pending = None
+        q_len = query.shape[-2]
+        if impl == "materialize":
+            out, lse = materialized_attention(self, query, key_states, value_states, positions, scale, window,
+                                              softcap)
+        elif q_len == 1 and _triton_decode(query):  # a decode step on CUDA: the fused kernel (no scores needed)
+            from kvcomp.kernels import triton_decode
+
+            out, lse = triton_decode.decode_attention_triton(query, self, key_states, value_states, scale=scale), None
+        else:
+            out, lse = chunk_attention(query, hist, key_states, value_states, scale, self.rope)
+        self._store(key_states, value_states, positions, (query, lse, scale))
+        return out
+
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor,
+               attn: tuple[torch.Tensor, torch.Tensor | None, float] | None) -> None:
+        q = key_states.shape[-2]
         # the last `guide` tokens (a question appended to a prefill chunk) are attended to, never stored
-        store = q - self.owner.guide_appended
-        scores = self.owner.score(self.layer_idx, keys, key_states, positions, store)
-        k_store = self.rope.invert(key_states, positions).to(key_states.dtype) if self.rope else key_states
+        store = q - self.owner.run.guide_appended
+        with record_function("kvcomp::score"):
+            scores = self.owner.run.score(self.layer_idx, key_states, positions, store, attn)
+        with record_function("kvcomp::rope"):
+            k_store = self.rope.invert(key_states, positions).to(key_states.dtype) if self.rope else key_states
         self._append(k_store[..., :store, :], value_states[..., :store, :], positions[:store].to(torch.int32),
                      scores)
         self.seen += store
-        self._flush(decode=q == 1)
-        return keys, values
+        with record_function("kvcomp::quantize"):
+            self._flush(decode=q == 1)
 
     # -- storage -------------------------------------------------------------------------------------
     def materialize(self, new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None
@@ -116,7 +165,7 @@ class CompressedLayer(CacheLayerMixin):
             n = int(p.numel())
             k = kblk.dequantize(self.dtype)
             if cos is not None:
-                k = rotate(k, cos[o : o + n], sin[o : o + n])
+                k = self.rope.rotate(k, cos[o : o + n], sin[o : o + n])
             keys[..., o : o + n, :] = k
             values[..., o : o + n, :] = vblk.dequantize(self.dtype)
             o += n
@@ -156,7 +205,7 @@ class CompressedLayer(CacheLayerMixin):
     def compress(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor) -> None:
         """Quantize ``[B, H, T, D]`` tokens at ``pos`` [T]; the owner's precision policy maps their
         importance ``score`` [T] to bits per token (0 = drop)."""
-        bits = self.owner.token_bits(self.layer_idx, score, pos)
+        bits = self.owner.run.token_bits(self.layer_idx, score, pos)
         if bits is not None:
             keep = bits != 0
             if not bool(keep.all()):
@@ -217,8 +266,43 @@ class CompressedLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the compressed cache cannot be cropped (assisted decoding is unsupported)")
 
+    # -- batch rows (beam search, several sequences per prompt): transformers' Cache API ----------------
+    def batch_size(self) -> int:
+        first = self.res_k if self.res_k is not None else (self.k_blocks[0] if self.k_blocks else None)
+        return 0 if first is None else int(first.shape[0])
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Row ``i`` of the batch becomes old row ``rows[i]`` in every held tensor (packed blocks are shared via
+        ``Rows``, not copied); the quantizer's per-row statistics follow."""
+        b = self.batch_size()
+        if b == 0:
+            return
+        rows = rows.to(device=self.device, dtype=torch.long)
+        self.k_blocks = [Rows.of(k, rows) for k in self.k_blocks]
+        self.v_blocks = [Rows.of(v, rows) for v in self.v_blocks]
+        if self.res_k is not None:
+            self.res_k, self.res_v = self.res_k.index_select(0, rows), self.res_v.index_select(0, rows)
+        self.state = _rows(self.state, rows, b)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("the compressed cache does not support beam search; use greedy or sampling")
+        self.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.select_rows(torch.arange(self.batch_size(), device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(indices)
+
+
+def _rows(obj: Any, rows: torch.Tensor, b: int) -> Any:
+    """Quantizer state with every batch-leading tensor (``[B, ...]``) indexed by ``rows``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.index_select(0, rows.to(obj.device)) if obj.dim() >= 2 and obj.shape[0] == b else obj
+    if isinstance(obj, dict):
+        return {k: _rows(v, rows, b) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_rows(v, rows, b) for v in obj)
+    return obj
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -229,3 +313,36 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, list | tuple):
         return [t for v in obj for t in _tensors(v)]
     return []
+
+
+def materialized_attention(layer: CompressedLayer, query: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
+                           positions: torch.Tensor, scale: float, window: int | None = None,
+                           softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle: whole history dequantized (``materialize``), one float32 softmax with history visible and the
+    new tokens causal (and keys older than ``window`` positions hidden). Returns (out, lse ``[B, Hq, q]``)."""
+    keys, values = layer.materialize(new_k, new_v)
+    b, hq, q, d = query.shape
+    g = hq // keys.shape[1]
+    k = keys.float().repeat_interleave(g, dim=1)
+    v = values.float().repeat_interleave(g, dim=1)
+    held = keys.shape[-2] - q
+    hist_pos = [*layer.pos_blocks, *([layer.res_pos] if layer.res_pos is not None else [])]
+    k_pos = torch.cat([*(p.long() for p in hist_pos), positions.long()]) if held else positions.long()
+    q_pos = positions.long()
+    visible = torch.ones(q, held + q, dtype=torch.bool, device=query.device)
+    visible[:, held:] = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
+    if window:
+        visible &= k_pos[None, :] > q_pos[:, None] - window
+    s = torch.matmul(query.float(), k.transpose(-1, -2)) * scale
+    if softcap:  # Gemma 2: logits soft-capped before the mask, as its eager attention does
+        s = torch.tanh(s / softcap) * softcap
+    s.masked_fill_(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.exp(s - lse[..., None]), v)
+    return out.to(query.dtype), lse
+
+
+def _triton_decode(query: torch.Tensor) -> bool:
+    from kvcomp.kernels.dispatch import use_triton_decode  # the kernels package imports this module
+
+    return use_triton_decode(query)

@@ -22,18 +22,26 @@ def packed_nbytes(n: int, bits: int) -> int:
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer ``codes`` (any shape, values in [0, 2**bits)) into a flat uint8 tensor."""
     g, nb = _layout(bits)
+    if bits == 8:
+        return codes.reshape(-1).to(torch.uint8)
+    if nb == 1:  # 2/4 bit: OR of g strided uint8 slices (no int32 widening)
+        flat = codes.reshape(-1).to(torch.uint8)
+        pad = (-flat.numel()) % g
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        words = flat.view(-1, g)
+        out = words[:, 0].clone()
+        for i in range(1, g):
+            out.bitwise_or_(words[:, i] << (i * bits))
+        return out
     flat = codes.reshape(-1).to(torch.int32)
     n = flat.numel()
-    if bits == 8:
-        return flat.to(torch.uint8)
     pad = (-n) % g
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     words = flat.view(-1, g)
     shifts = torch.arange(g, device=flat.device, dtype=torch.int32) * bits
     word = (words << shifts).sum(dim=1)  # [n/g] int32, at most 24 bits used
-    if nb == 1:
-        return word.to(torch.uint8)
     byte_shift = torch.arange(nb, device=flat.device, dtype=torch.int32) * 8
     return ((word[:, None] >> byte_shift) & 0xFF).to(torch.uint8).reshape(-1)
 

@@ -64,6 +64,34 @@ class Dense:
 
 
 @dataclass
+class Rows:
+    """Rows ``rows`` (LongTensor [B']) of a block's batch: the prompt's block shared by beams / return sequences,
+    reordered by beam search, without copying or requantizing it. Logical shape ``[B', H, T, D]``."""
+
+    base: Stored
+    rows: torch.Tensor
+
+    @staticmethod
+    def of(block: Stored, rows: torch.Tensor) -> Rows:
+        return Rows(block.base, block.rows[rows]) if isinstance(block, Rows) else Rows(block, rows)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        _, h, t, d = self.base.shape
+        return int(self.rows.numel()), h, t, d
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.base.dequantize(dtype).index_select(0, self.rows)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.base.tensors(), self.rows]
+
+    @property
+    def n_outliers(self) -> int:
+        return self.base.n_outliers * int(self.rows.numel()) // max(1, self.base.shape[0])
+
+
+@dataclass
 class Segment:
     """What a quantizer returns for a run of tokens: K and V storage for the tokens ``index``.
 

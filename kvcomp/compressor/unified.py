@@ -4,14 +4,13 @@ scorer (token importance, while prefill runs) + precision policy (scores -> bits
 (how tokens are stored) + propagator (which tokens reach later layers). Each is switched off with
 ``none`` (precision: ``mode: none``), so a component ablation is a pure config change. Parts talk
 through small interfaces only: the scorer declares the queries it needs and whether the question guides
-each chunk; the cache asks ``scoring.score(...)`` and ``policy(...)``; the propagator reads
-``cache.layer_scores``.
+each chunk; the cache's layers ask the ``Session`` for scores (``Scoring.score``, from the attention pass) and
+bits per token (``policy``); the propagator reads ``session.layer_scores``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,42 +21,38 @@ from kvcomp.compressor.base import Compressor
 from kvcomp.compressor.precision import Precision
 from kvcomp.errors import ConfigError
 from kvcomp.fields import bind
-from kvcomp.propagator.base import decoder_layers
+from kvcomp.kernels.interface import use_packed_attention
+from kvcomp.model import arch
 from kvcomp.registry import COMPRESSORS
 from kvcomp.scorer.base import ScoreContext
+from kvcomp.session import Session
 
 
 class Scoring:
-    """Per-sequence glue between the cache and a scorer: holds the queries captured from ``q_proj``."""
+    """Per-sequence glue between the cache and a scorer: which trailing queries it reads (``window``); the queries,
+    their log-sum-exp and the softmax scale come from the attention pass itself (``kvcomp_packed``), so whatever
+    the model does to its queries (q_norm, fused projections, Gemma's scale) is what the scorer sees."""
 
     def __init__(self, scorer: Any, model: Any, window: int) -> None:
-        cfg = model.config
         self.scorer = scorer
         self.window = window  # trailing queries to keep (-1 = all)
-        self.n_layers = cfg.num_hidden_layers
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.queries: dict[int, torch.Tensor] = {}
+        self.n_layers = len(arch.decoder_layers(model))
+        self.windows = arch.windows(model)  # per layer: its sliding window (None: full attention)
 
-    def q_hook(self, layer_idx: int) -> Any:
-        def hook(module: Any, args: tuple, out: torch.Tensor) -> None:
-            if self.window != 0 and out.shape[1] > 1:  # prefill only
-                self.queries[layer_idx] = out if self.window < 0 else out[:, -self.window :]
-        return hook
-
-    def score(self, cache: CompressedCache, layer_idx: int, keys: torch.Tensor, new_keys: torch.Tensor,
-              positions: torch.Tensor, n_store: int) -> torch.Tensor:
-        q = new_keys.shape[-2]
-        pre = cache.rope.invert(new_keys, positions) if cache.rope is not None else new_keys
-        raw = self.queries.pop(layer_idx, None)  # [B, W, H_q * D] pre-RoPE
-        queries = None
-        if raw is not None:
-            b, w, _ = raw.shape
-            w = min(w, q)
-            qh = raw[:, -w:].reshape(b, w, -1, self.head_dim).transpose(1, 2)
-            queries = cache.rope.apply(qh, positions[-w:]) if cache.rope is not None else qh.float()
-        ctx = ScoreContext(layer_idx, self.n_layers, keys, pre, queries, positions, n_store,
-                           keys.shape[-2] - q, self.scaling, int(getattr(cache, "prompt_len", 0)))
+    def score(self, cache: CompressedCache, layer_idx: int, new_keys: torch.Tensor, positions: torch.Tensor,
+              n_store: int, attn: tuple[torch.Tensor, torch.Tensor, float] | None, prompt_len: int) -> torch.Tensor:
+        q, d = new_keys.shape[-2], new_keys.shape[-1]
+        rope = cache.ropes[layer_idx]
+        pre = rope.invert(new_keys, positions) if rope is not None else new_keys
+        queries = lse = None
+        scaling = d**-0.5
+        if attn is not None:
+            scaling = attn[2]
+            if self.window != 0:
+                w = q if self.window < 0 else min(self.window, q)
+                queries, lse = attn[0][:, :, -w:], attn[1][:, :, -w:]
+        ctx = ScoreContext(layer_idx, self.n_layers, new_keys, pre, queries, lse, positions, n_store,
+                           scaling, prompt_len, self.windows[layer_idx])
         s = self.scorer.score(ctx).float()
         return torch.nan_to_num(s, nan=0.0)
 
@@ -92,26 +87,26 @@ class Unified(Compressor):
         if self.propagator is not None and self.propagator.active(32) and self.scorer is None:
             raise ConfigError("propagation drops tokens by importance; choose a scorer (scorer=prompt_guided, ...)")
 
-    def new_cache(self, model: Any) -> CompressedCache:
-        return CompressedCache(model, self.quantizer, policy=self.policy if self.policy.active else None)
+    def needs(self, n_layers: int) -> arch.Needs:
+        drops = self.policy.may_drop or (self.propagator is not None and self.propagator.active(n_layers))
+        what = [f"quantizer={getattr(self.quantizer, 'registry_name', '?')}"] if self.quantizer.pre_rope else []
+        what += [f"scorer={getattr(self.scorer, 'registry_name', '?')}"] if self.scorer is not None else []
+        return arch.Needs(pre_rope=self.quantizer.pre_rope, queries=self.scorer is not None,
+                          masks=drops, slicing=self.propagator is not None and self.propagator.active(n_layers),
+                          cache=True, method=" + ".join(what) or "this method")
 
-    @contextmanager
-    def attach(self, model: Any, cache: Any, question_ids: Any = None) -> Iterator[None]:
-        handles: list[Any] = []
-        q_len = 0 if question_ids is None else int(question_ids.shape[-1])
-        cache.question_len = q_len
+    def new_cache(self, model: Any) -> CompressedCache:
+        return CompressedCache(model, self.quantizer)
+
+    def install(self, session: Session, stack: ExitStack) -> None:
+        model = session.model
+        session.policy = self.policy if self.policy.active else None
         if self.scorer is not None:
-            window = self.scorer.query_window or (q_len if q_len else 32)
-            cache.scoring = Scoring(self.scorer, model, window)
-            if window != 0:
-                for i, layer in enumerate(decoder_layers(model)):
-                    handles.append(layer.self_attn.q_proj.register_forward_hook(cache.scoring.q_hook(i)))
-            if self.scorer.needs_question and self.guide_with_question and question_ids is not None:
-                cache.guide_ids = question_ids
+            window = self.scorer.query_window or (session.question_len or 32)
+            session.scoring = Scoring(self.scorer, model, window)
+            if self.scorer.needs_question and self.guide_with_question and session.question_ids is not None:
+                session.guide_ids = session.question_ids
         if self.propagator is not None:
-            handles += self.propagator.install(model, cache, fix_masks=self.policy.may_drop)
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+            handles = self.propagator.install(model, session, fix_masks=self.policy.may_drop)
+            stack.callback(lambda: [h.remove() for h in handles])
+        stack.enter_context(use_packed_attention(model, session))

@@ -4,11 +4,11 @@
 The base class owns the hooks (installed per sequence by the compressor, removed on exit):
 
 - a forward hook on decoder layer ``l`` keeps the top ``ratio(l) * n`` candidates by their importance
-  scores summed over the layers so far (``cache.layer_scores``; summing makes one noisy layer matter
+  scores summed over the layers so far (``session.layer_scores``; summing makes one noisy layer matter
   less) and slices the layer's output ``[B, T, hidden]``;
   the last ``max(guide, keep_last)`` tokens (the question / prompt end) always go on;
 - a forward pre-hook on layer ``l + 1`` slices its RoPE ``position_embeddings`` and ``position_ids``
-  to the kept tokens (positions are preserved), tells the cache their absolute positions and rebuilds
+  to the kept tokens (positions are preserved), tells the session their absolute positions and rebuilds
   the attention mask for that layer's own history length (layers hold different numbers of tokens).
 
 Later layers therefore compute, and cache, only the propagated tokens. Decode steps pass untouched.
@@ -23,23 +23,26 @@ import torch
 
 from kvcomp.errors import ConfigError
 from kvcomp.fields import param
+from kvcomp.masks import layer_mask
+from kvcomp.model.arch import MASK_IMPLS, decoder_layers, windows
+
+__all__ = ["Propagator", "decoder_layers"]
 
 
-def decoder_layers(model: Any) -> Any:
-    """The decoder layer list of a transformers causal LM (``model.model.layers`` for LLaMA-likes)."""
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ConfigError(f"{type(model).__name__} has no model.layers; propagation/scoring needs a decoder LM")
-    return layers
+_SLICED = ("hidden_states", "attention_mask", "position_ids", "position_embeddings")
 
 
-def layer_mask(held: int, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bool mask ``[1, 1, q, held + q]``: all history visible, new tokens causal by absolute position."""
-    q = positions.numel()
-    hist = torch.ones(q, held, dtype=torch.bool, device=positions.device)
-    causal = positions[None, :] <= positions[:, None]
-    return torch.cat([hist, causal], dim=1)[None, None]
+def _slice_kwargs(kwargs: dict, index: torch.Tensor, pos_ids: torch.Tensor, t0: int, layer: int) -> None:
+    """Cut a decoder layer's per-token inputs to the propagated tokens ``index``; refuse ones it cannot cut."""
+    pe = kwargs.get("position_embeddings")
+    if pe is not None:
+        kwargs["position_embeddings"] = tuple(x[:, index] for x in pe)
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = pos_ids
+    for k, v in kwargs.items():
+        if k not in _SLICED and isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == t0:
+            raise ConfigError(f"propagation cannot carry the per-token input {k!r} of decoder layer {layer}; "
+                              "use propagation=none with this model")
 
 
 class _Forward:
@@ -65,56 +68,62 @@ class Propagator:
     def active(self, n_layers: int) -> bool:
         return any(self.ratio(i, n_layers) < 1.0 for i in range(n_layers))
 
-    def install(self, model: Any, cache: Any, fix_masks: bool = False) -> list[Any]:
-        """Register the hooks for one sequence; ``fix_masks`` rebuilds per-layer masks even without dropping
-        hidden states (needed when the precision policy drops tokens, so layers hold different counts)."""
+    def install(self, model: Any, run: Any, fix_masks: bool = False) -> list[Any]:
+        """Register the hooks for one prompt's ``run`` (a ``Session``); ``fix_masks`` rebuilds per-layer masks
+        even without dropping hidden states (needed when the precision policy drops tokens, so layers hold
+        different counts; not with kvcomp's own attention, which needs no mask)."""
         layers = decoder_layers(model)
         n = len(layers)
         active = self.active(n)
-        impl = str(getattr(model.config, "_attn_implementation", None) or "")
-        if (active or fix_masks) and impl.startswith("flash"):
-            raise ConfigError(f"model.attn_implementation={impl} takes no per-layer masks; propagation and token "
-                              "drops need sdpa or eager (model.attn_implementation=sdpa)")
         if not (active or fix_masks):
             return []
+        impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
+        if impl not in MASK_IMPLS:
+            raise ConfigError(f"model.attn_implementation={impl} takes no per-layer masks; propagation and token "
+                              "drops need sdpa or eager (model.attn_implementation=sdpa)")
+        win = windows(model)
         fw = _Forward()
         handles = []
         for i, layer in enumerate(layers):
-            handles.append(layer.register_forward_pre_hook(self._pre(i, cache, fw), with_kwargs=True))
+            handles.append(layer.register_forward_pre_hook(self._pre(i, run, fw, win[i], impl), with_kwargs=True))
             if active and i < n - 1:
-                handles.append(layer.register_forward_hook(self._post(i, n, cache, fw)))
+                handles.append(layer.register_forward_hook(self._post(i, n, run, fw)))
         return handles
 
-    def _pre(self, i: int, cache: Any, fw: _Forward) -> Any:
+    def _pre(self, i: int, run: Any, fw: _Forward, window: int | None, impl: str) -> Any:
         def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             h = args[0] if args else kwargs["hidden_states"]
             t = h.shape[1]
             if i == 0:
-                fw.index, fw.positions, fw.acc, fw.layers = None, None, None, 0
-                fw.n_cand0 = t - self._protected(cache, t)
-            if t == 1:  # decode: everything visible; a mask sized for layer 0 may not fit this layer
-                kwargs["attention_mask"] = None
+                fw.index, fw.acc, fw.layers = None, None, 0
+                fw.n_cand0 = t - self._protected(run, t)
+                fw.positions = kwargs.get("position_ids")  # [B, T] of the whole forward
+                if fw.positions is None:
+                    seen = run.cache.get_seq_length()
+                    fw.positions = torch.arange(seen, seen + t, device=h.device)[None]
+            pos_ids = fw.positions
+            if fw.index is not None and t > 1:
+                pos_ids = pos_ids[:, fw.index]
+                _slice_kwargs(kwargs, fw.index, pos_ids, fw.positions.shape[1], i)
+                run.pending_positions[i] = pos_ids[0]
+            if run.deferred:  # kvcomp's own attention: causal and windowed by position, no mask needed
                 return args, kwargs
-            pos_ids = kwargs["position_ids"]
-            if fw.index is not None:
-                cos, sin = kwargs["position_embeddings"]
-                kwargs["position_embeddings"] = (cos[:, fw.index], sin[:, fw.index])
-                kwargs["position_ids"] = pos_ids = pos_ids[:, fw.index]
-                cache.pending_positions[i] = pos_ids[0]
-            held = cache.layers[i].held()
-            kwargs["attention_mask"] = layer_mask(held, pos_ids[0], h.dtype)
+            # this layer's own keys: its held (possibly sparse) history, then the new tokens, by absolute position
+            q_pos = pos_ids[0]
+            k_pos = torch.cat([run.cache.layers[i].held_positions().to(q_pos.device), q_pos])
+            kwargs["attention_mask"] = layer_mask(k_pos, q_pos, window, impl, h.dtype)
             return args, kwargs
 
         return hook
 
-    def _post(self, i: int, n: int, cache: Any, fw: _Forward) -> Any:
+    def _post(self, i: int, n: int, run: Any, fw: _Forward) -> Any:
         def hook(module: Any, args: tuple, output: Any) -> Any:
             h = output[0] if isinstance(output, tuple) else output
             t = h.shape[1]
-            scores = cache.layer_scores.get(i)
+            scores = run.layer_scores.get(i)
             if t == 1 or scores is None:
                 return None
-            prot = self._protected(cache, t)
+            prot = self._protected(run, t)
             cand = t - prot
             s = scores[:cand].float()
             fw.acc = s if fw.acc is None else fw.acc + s
@@ -132,10 +141,10 @@ class Propagator:
 
         return hook
 
-    def _protected(self, cache: Any, t: int) -> int:
+    def _protected(self, run: Any, t: int) -> int:
         """Tail tokens always carried: an appended question, else ``keep_last`` plus the question's length
         (the prompt ends with the question and the chat template's assistant header)."""
-        guide = int(getattr(cache, "guide_appended", 0))
+        guide = run.guide_appended
         if guide:
             return min(t, guide)
-        return min(t, self.keep_last + int(getattr(cache, "question_len", 0)))
+        return min(t, self.keep_last + run.question_len)

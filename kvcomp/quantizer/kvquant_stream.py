@@ -40,7 +40,6 @@ def ema_update(state: dict[str, Any], key: str, m: torch.Tensor, decay: float) -
 class KVQuantStream(Quantizer):
     """Streaming KVQuant with the method's defaults (INT4, 4 sinks at 8 bit, outlier channels at 8 bit)."""
 
-    chunk_size: int = param(512, ge=0)
     ema_decay: float = param(0.9, ge=0, lt=1)
     attention_sink_size: int = param(4, ge=0)
     key_bits_normal: int = param(4, choices=WIDTHS)

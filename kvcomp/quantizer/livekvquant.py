@@ -43,7 +43,6 @@ class LiveKVQuant(Quantizer):
     """INT-``bits`` chunks, clipped-EMA ranges, sparse fp16 outliers, fp16 warm-up chunks."""
 
     bits: int = param(4, choices=PACK_BITS)
-    chunk_size: int = param(512, ge=0)
     ema_decay: float = param(0.9, ge=0, lt=1)
     clip_factor: float = param(2.0, ge=1)
     outlier_scale: float = param(1.0, gt=0)

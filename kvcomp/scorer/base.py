@@ -1,9 +1,10 @@
 """Scorer interface: the importance of every token a layer stores, computed while prefill runs.
 
-The compressed cache calls ``scorer.score(ctx)`` in each layer's ``update`` during prefill, for the new
-tokens it is about to store. A scorer declares what it needs: ``query_window`` trailing queries of the
-forward (captured from ``q_proj`` by the unified compressor; -1 = all of them) and ``needs_question``
-(the question is appended to every non-final prefill chunk, Finch-style, then its K/V are discarded).
+The compressed cache calls ``scorer.score(ctx)`` in each layer's attention during prefill, for the new
+tokens it is about to store; attention weights come from that same pass (``ScoreContext.lse``), never
+from a second copy of the history keys. A scorer declares what it needs: ``query_window`` trailing
+queries of the forward (-1 = all of them) and ``needs_question`` (the question is appended to every
+non-final prefill chunk, Finch-style, then its K/V are discarded).
 Scores are per token, higher = more important; NaN is never returned.
 """
 
@@ -18,44 +19,48 @@ from kvcomp.fields import param
 
 @dataclass
 class ScoreContext:
-    """What one layer knows when it stores ``n_store`` new tokens.
+    """What one layer knows when it stores ``n_store`` new tokens (read from the attention pass itself).
 
-    ``keys``: ``[B, H_kv, held + q, D]`` post-RoPE keys attention uses (history, then the new tokens);
-    ``new_keys_pre``: ``[B, H_kv, q, D]`` pre-RoPE keys of the new tokens (content without position);
-    ``queries``: ``[B, H_q, W, D]`` post-RoPE trailing queries (None if the scorer asked for none);
-    ``positions``: ``[q]`` absolute positions of the new tokens; the first ``n_store`` are stored, the rest
-    (``q - n_store``) are an appended question. ``held``: history tokens before them in ``keys``;
-    ``scaling``: attention's 1/sqrt(D); ``prompt_len``: tokens in the whole prompt (0 if unknown).
+    ``new_keys``: ``[B, H_kv, q, D]`` post-RoPE keys of this forward's tokens; ``new_keys_pre``: the same
+    pre-RoPE (content without position); ``queries``: ``[B, H_q, W, D]`` post-RoPE trailing queries of the
+    forward (None if the scorer asked for none) and ``lse``: ``[B, H_q, W]`` the log-sum-exp of their scaled
+    logits over everything they attended to (history + the forward's tokens, causal), so attention weights
+    to the new tokens need no second pass over the history. ``positions``: ``[q]`` absolute positions of the
+    new tokens; the first ``n_store`` are stored, the rest (``q - n_store``) are an appended question.
+    ``scaling``: the attention's softmax scale; ``prompt_len``: tokens in the whole prompt (0 if unknown);
+    ``window``: the layer's sliding window (keys this far back or more are invisible, as in the model).
     """
 
     layer_idx: int
     n_layers: int
-    keys: torch.Tensor
+    new_keys: torch.Tensor
     new_keys_pre: torch.Tensor
     queries: torch.Tensor | None
+    lse: torch.Tensor | None
     positions: torch.Tensor
     n_store: int
-    held: int
     scaling: float
     prompt_len: int = 0
+    window: int | None = None  # the layer's sliding window: queries see keys less than this far back
 
     def attention(self, chunk: int = 256) -> torch.Tensor:
-        """Softmax attention of ``queries`` over all keys, ``[B, H_q, W, held + q]`` (fp32), causal for the
-        queries that are themselves new tokens. GQA: each KV head serves ``H_q / H_kv`` query heads."""
-        assert self.queries is not None, "this scorer set query_window=0"
+        """Softmax attention of ``queries`` to the forward's new tokens, ``[B, H_q, W, q]`` (fp32; rows are
+        normalised over history + new tokens, so they sum to <= 1), causal for queries that are new tokens
+        themselves. GQA: each KV head serves ``H_q / H_kv`` query heads, keys are not repeated."""
+        assert self.queries is not None and self.lse is not None, "this scorer set query_window=0"
         b, hq, w, d = self.queries.shape
-        hkv = self.keys.shape[1]
-        k = self.keys.float().repeat_interleave(hq // hkv, dim=1)
-        q_pos = self.positions[-w:] if w <= self.positions.numel() else self.positions
-        k_pos = torch.cat([torch.full((self.held,), -1, device=k.device, dtype=torch.long),
-                           self.positions.long()])
+        hkv, q = self.new_keys.shape[1], self.new_keys.shape[2]
+        k = self.new_keys.float().unsqueeze(2)  # [B, Hkv, 1, q, D]
+        future = torch.ones(w, q, dtype=torch.bool, device=k.device).triu_(q - w + 1)  # query i is token q-w+i
+        if self.window:  # the same keys the model's sliding-window layer sees
+            pos = self.positions.long()
+            future |= pos[None, :] <= pos[-w:, None] - self.window
         out = []
-        for s in range(0, w, chunk):  # query blocks bound the transient [B, H, chunk, n] buffer
-            qb = self.queries[:, :, s : s + chunk].float()
-            logits = torch.matmul(qb, k.transpose(-1, -2)) * self.scaling
-            future = k_pos[None, :] > q_pos[s : s + chunk, None].long()
-            logits.masked_fill_(future.view(1, 1, *future.shape), float("-inf"))
-            out.append(torch.softmax(logits, dim=-1))
+        for s in range(0, w, chunk):  # query blocks bound the transient [B, H, chunk, q] buffer
+            qb = self.queries[:, :, s : s + chunk].float().reshape(b, hkv, hq // hkv, -1, d)
+            logits = torch.matmul(qb, k.transpose(-1, -2)).reshape(b, hq, -1, q) * self.scaling
+            logits.masked_fill_(future[s : s + chunk], float("-inf"))
+            out.append(torch.exp(logits - self.lse[:, :, s : s + chunk, None]))
         return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 
@@ -86,5 +91,4 @@ class Scorer:
 
 def stored_attention(ctx: ScoreContext) -> torch.Tensor:
     """Mean attention (over batch, query heads and queries) that the window pays to each stored token, [n_store]."""
-    a = ctx.attention()
-    return a[..., ctx.held : ctx.held + ctx.n_store].mean(dim=(0, 1, 2))
+    return ctx.attention()[..., : ctx.n_store].mean(dim=(0, 1, 2))

@@ -23,5 +23,5 @@ class H2O(Scorer):
     needs_question: bool = False
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        a = ctx.attention()[..., ctx.held : ctx.held + ctx.n_store]
+        a = ctx.attention()[..., : ctx.n_store]
         return a.sum(dim=2).mean(dim=(0, 1))

@@ -51,7 +51,7 @@ class PromptGuided(Scorer):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         n = ctx.n_store
-        s = torch.zeros(n, device=ctx.keys.device)
+        s = torch.zeros(n, device=ctx.positions.device)
         w = ctx.queries.shape[2] if ctx.queries is not None else 0
         if self.alpha and w:
             w_l = 1.0 - self.layer_decay * ctx.layer_idx / max(1, ctx.n_layers - 1)

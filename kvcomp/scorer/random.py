@@ -20,4 +20,4 @@ class RandomScorer(Scorer):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.layer_idx * 7919 + int(ctx.positions[0]))
-        return torch.rand(ctx.n_store, generator=g).to(ctx.keys.device)
+        return torch.rand(ctx.n_store, generator=g).to(ctx.positions.device)

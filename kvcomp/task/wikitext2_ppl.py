@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
-from kvcomp.cache import cache_stats
 from kvcomp.fields import param
-from kvcomp.generation import Generation, prefill
+from kvcomp.generation import Generation
 from kvcomp.profiler import MemoryProfiler, Timer
 from kvcomp.registry import TASKS
 from kvcomp.task.base import Sample, Task, span
@@ -98,10 +97,9 @@ class WikiText2PPL(Task):
             nll += torch.nn.functional.cross_entropy(lg, tgt, reduction="sum").double().cpu()
             correct += int((lg.argmax(-1) == tgt).sum())
 
-        cache = comp.new_cache(model)
-        with comp.attach(model, cache), MemoryProfiler(device=engine.device) as prof, Timer(engine.device) as t:
-            prefill(model, cache, ids, comp.chunk_size, on_logits=on_logits)
-        gen = Generation([], ids.shape[1], t.s, 0.0, prof.result, cache_stats(cache))
+        with comp.session(model) as s, MemoryProfiler(device=engine.device) as prof, Timer(engine.device) as t:
+            s.prefill(ids, on_logits=on_logits)
+        gen = Generation([], ids.shape[1], t.s, 0.0, prof.result, s.stats())
         n = ids.shape[1] - 1
         rec = {"id": sample.id, "prompt_len": ids.shape[1], "nll_sum": float(nll), "n_tokens": n,
                "correct": correct, "score": correct / n}

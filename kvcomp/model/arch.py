@@ -1,0 +1,230 @@
+"""What kvcomp needs to know about a transformers decoder, read from the model itself, and what it refuses.
+
+- ``decoder_layers``: the decoder layer list (``model.layers``, ``gpt_neox.layers``, ``transformer.h``...): the
+  ``ModuleList`` under the base model whose length is the config's layer count;
+- ``attention``: each layer's attention module (``self_attn``, ``attention``, ``attn``, ``self_attention``);
+- ``query_source``: the module whose output is the attention's queries before RoPE (``q_norm`` /
+  ``q_layernorm`` when the model normalises queries, else ``q_proj``, or the query slice of a fused
+  ``qkv_proj`` / ``query_key_value``);
+- ``windows``: each layer's sliding window (``config.layer_types`` + ``sliding_window``), None = full;
+- ``ropes``: one :class:`~kvcomp.cache.rope.Rope` per layer (per layer type when the rotary module takes one),
+  using the model's own ``apply_rotary_pos_emb`` (split-half, interleaved, partial: whatever the model does);
+- ``check``: refuse up front (``ConfigError``, a ``ValueError``) what a method needs and the model lacks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvcomp.errors import ConfigError
+
+ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention")
+Q_NORMS = ("q_norm", "q_layernorm", "query_layernorm")  # norms applied to the queries only (Qwen3, StableLM...)
+MASK_IMPLS = ("sdpa", "eager")  # implementations that read the 4-D masks kvcomp rebuilds
+SLIDING_TYPES = ("sliding_attention",)
+FULL_TYPES = ("full_attention",)
+SEQ_DEPENDENT_ROPE = ("dynamic", "longrope")  # frequencies change with the sequence length
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a configured compressor needs from the model (``Compressor.needs``)."""
+
+    pre_rope: bool = False  # keys stored before RoPE (invert, re-apply)
+    queries: bool = False  # a scorer reads the attention's queries
+    masks: bool = False  # per-layer masks rebuilt (tokens dropped or hidden states sliced)
+    slicing: bool = False  # propagation slices hidden states between layers
+    cache: bool = False  # kvcomp's CompressedCache replaces the model's (full / sliding attention layers only)
+    method: str = ""  # for messages: "quantizer.pre_rope=true", "scorer=snapkv", ...
+
+
+def text_config(model: Any) -> Any:
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _name(model: Any) -> str:
+    return type(model).__name__
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The decoder layers: the shallowest ``ModuleList`` under the base model with ``num_hidden_layers`` entries."""
+    n = getattr(text_config(model), "num_hidden_layers", None)
+    base = getattr(model, "base_model", model)
+    best: tuple[int, Any] | None = None
+    for name, mod in base.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
+            depth = name.count(".")
+            if best is None or depth < best[0]:
+                best = (depth, mod)
+    if best is None:
+        raise ConfigError(f"{_name(model)}: no decoder layer list with config.num_hidden_layers={n} entries found; "
+                          "this method installs per-layer hooks, so it needs a decoder LM (int8 / kvquant_stream "
+                          "need none)")
+    return best[1]
+
+
+def attention(model: Any, layer: Any) -> Any:
+    """The attention module of one decoder layer."""
+    for nm in ATTN_NAMES:
+        mod = getattr(layer, nm, None)
+        if isinstance(mod, torch.nn.Module):
+            return mod
+    raise ConfigError(f"{_name(model)}: {type(layer).__name__} has no attention module named one of "
+                      f"{', '.join(ATTN_NAMES)}; scorers and propagation need it")
+
+
+def _heads(model: Any, attn: Any) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of an attention module."""
+    cfg = text_config(model)
+    hq = int(cfg.num_attention_heads)
+    hkv = int(getattr(cfg, "num_key_value_heads", None) or hq)
+    d = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None) or getattr(cfg, "head_dim", None)
+    return hq, hkv, int(d or cfg.hidden_size // hq)
+
+
+def _normed(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A query norm's output as ``[B, T, H * D]``: it sees ``[B, T, H * D]`` (OLMo 2), ``[B, T, H, D]`` (Qwen 3)
+    or ``[B, H, T, D]`` (Gemma 3), a view of the contiguous projection ``[B, T, H * D]``, so the token dim is
+    the one with the larger stride."""
+    if out.dim() == 3:
+        return out
+    heads_first = inp.stride(2) > inp.stride(1) or (inp.stride(1) == inp.stride(2) and out.shape[1] == 1)
+    return (out.transpose(1, 2) if heads_first else out).flatten(2)
+
+
+def query_source(model: Any, attn: Any) -> tuple[torch.nn.Module, Any]:
+    """(module, select): a forward hook on ``module`` sees ``(inp, out)``; ``select(inp, out)`` is the pre-RoPE
+    queries ``[B, T, H_q * D]`` attention uses (after any query norm)."""
+    hq, hkv, d = _heads(model, attn)
+    for nm in Q_NORMS:
+        if isinstance(getattr(attn, nm, None), torch.nn.Module):
+            return getattr(attn, nm), _normed
+    if isinstance(getattr(attn, "q_proj", None), torch.nn.Module):
+        return attn.q_proj, lambda inp, out: out
+    fused = getattr(attn, "qkv_proj", None)
+    if isinstance(fused, torch.nn.Linear) and fused.out_features == (hq + 2 * hkv) * d:
+        return fused, lambda inp, out: out[..., : hq * d]  # [q | k | v] (Phi-3)
+    fused = getattr(attn, "query_key_value", None)
+    if isinstance(fused, torch.nn.Linear) and fused.out_features == 3 * hq * d and hq == hkv:
+        # per head [q k v] (GPT-NeoX)
+        return fused, lambda inp, out: out.unflatten(-1, (hq, 3 * d))[..., :d].flatten(2)
+    raise ConfigError(f"{_name(model)}: cannot find the query projection of {type(attn).__name__} (no q_norm, "
+                      "q_proj, qkv_proj [q|k|v] or query_key_value [H, 3, D]); scorers need the queries: use a "
+                      "method without a scorer (int8, kvquant_stream, livekvquant)")
+
+
+def layer_types(model: Any) -> list[str]:
+    """Per-layer attention type: ``config.layer_types``, else sliding everywhere when ``sliding_window`` is set."""
+    cfg = text_config(model)
+    n = cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return list(types)
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    return ["sliding_attention" if window else "full_attention"] * n
+
+
+def windows(model: Any) -> list[int | None]:
+    """Per-layer sliding window (None = full attention); unknown layer types are refused."""
+    cfg = text_config(model)
+    out: list[int | None] = []
+    for t in layer_types(model):
+        if t in SLIDING_TYPES:
+            out.append(int(cfg.sliding_window))
+        elif t in FULL_TYPES:
+            out.append(None)
+        else:
+            raise ConfigError(f"{_name(model)}: layer type {t!r} (config.layer_types) is not one kvcomp's cache "
+                              f"and masks handle (supported: {', '.join(SLIDING_TYPES + FULL_TYPES)}); use "
+                              "full_cache with this model")
+    return out
+
+
+def find_rotary(model: Any) -> Any | None:
+    """The model's shared rotary embedding module (a ``*rotary_emb`` module with inverse-frequency buffers)."""
+    for name, mod in model.named_modules():
+        if name.endswith("rotary_emb") and any(b.endswith("inv_freq") for b, _ in mod.named_buffers(recurse=False)):
+            return mod
+    return None
+
+
+def rope_fn(model: Any) -> Any | None:
+    """The model's own ``apply_rotary_pos_emb(q, k, cos, sin)`` (looked up in its attention class's module)."""
+    try:
+        attn = attention(model, decoder_layers(model)[0])
+    except ConfigError:
+        return None
+    return getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+
+
+def ropes(model: Any) -> list[Any] | None:
+    """One Rope per decoder layer (shared per layer type), or None if the model has no RoPE kvcomp can drive."""
+    from kvcomp.cache.rope import Rope
+
+    rotary, fn = find_rotary(model), rope_fn(model)
+    if rotary is None or (fn is None and isinstance(model, torch.nn.Module)):
+        return None  # (a stand-in that is no nn.Module, e.g. the kernels' self-check, gets split-half RoPE)
+    per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    types = layer_types(model)
+    try:
+        d: int | None = _heads(model, attention(model, decoder_layers(model)[0]))[2]
+    except ConfigError:
+        d = None
+    made: dict[str | None, Rope] = {}
+    for t in types:
+        key = t if per_type else None
+        if key not in made:
+            made[key] = Rope(rotary, fn, key, seq_limit(model, rotary, key))
+            made[key].self_check(_name(model), d)  # an exact round trip, or a ConfigError
+    return [made[t if per_type else None] for t in types]
+
+
+def seq_limit(model: Any, rotary: Any, layer_type: str | None) -> int | None:
+    """For RoPE whose frequencies change with the sequence length (dynamic, longrope): the length up to which
+    they stay fixed (beyond it a re-rotated key would differ from the one the model cached); else None."""
+    rt = getattr(rotary, "rope_type", None)
+    rt = rt.get(layer_type) if isinstance(rt, dict) else rt
+    if rt not in SEQ_DEPENDENT_ROPE:
+        return None
+    cfg = text_config(model)
+    params = getattr(cfg, "rope_parameters", None) or {}
+    params = params.get(layer_type, params) if layer_type else params
+    lim = params.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+    return int(lim or getattr(rotary, "original_max_seq_len", None) or cfg.max_position_embeddings)
+
+
+def check(model: Any, needs: Needs) -> None:
+    """Raise ConfigError (one line: model class, feature, what to change) if ``model`` cannot give ``needs``."""
+    cls = _name(model)
+    if needs.cache:
+        windows(model)  # every layer an attention layer kvcomp's cache can stand in for
+    if not (needs.pre_rope or needs.queries or needs.masks or needs.slicing):
+        return
+    rp = ropes(model)
+    if needs.pre_rope and rp is None:
+        raise ConfigError(f"{cls}: {needs.method} stores keys before RoPE, but kvcomp finds no rotary_emb module "
+                          "with an apply_rotary_pos_emb it can invert; set quantizer.pre_rope=false")
+    if not (needs.queries or needs.masks or needs.slicing):
+        return
+    layers = decoder_layers(model)
+    attns = [attention(model, layer) for layer in layers]
+    if needs.queries:
+        for a in attns:
+            query_source(model, a)
+    if needs.masks or needs.slicing:
+        impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
+        if impl not in MASK_IMPLS:
+            raise ConfigError(f"{cls}: attn_implementation={impl} takes no per-layer 4-D masks, which {needs.method} "
+                              "needs (it drops tokens); load the model with attn_implementation='sdpa' or 'eager' "
+                              "(model.attn_implementation=sdpa)")
+        windows(model)
+        if rp is None:
+            raise ConfigError(f"{cls}: {needs.method} drops tokens, which keeps positions right only for RoPE "
+                              "models (kvcomp finds no rotary_emb / apply_rotary_pos_emb); use a method that drops "
+                              "nothing (int8 with quantizer.pre_rope=false)")
