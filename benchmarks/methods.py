@@ -35,6 +35,7 @@ import torch
 
 from benchmarks.common import compose, header, load, median, table, timed_prefill, wikitext_ids
 from benchmarks.quality import ci_cell, diff_cell, pair, run_row, slug, verdict
+from benchmarks.rows_issue17 import ROWS as ISSUE17_ROWS
 from kvcomp.stats import half_width
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,6 +46,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     **{e: (e, []) for e in BASE},
     "prompt_guided, propagation=none": ("prompt_guided", ["propagation=none"]),
 }
+#: issue 17's variants (question timing, normalisation, propagation): run them with --rows "<name>" ...
+EXTRA_ROWS: dict[str, tuple[str, list[str]]] = dict(ISSUE17_ROWS)
 #: equal-bytes rows: same quantizer as prompt_guided, keep ratio calibrated to prompt_guided's kv_bytes
 EQ_PEERS = ("snapkv@eq", "h2o@eq")
 
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--context", type=int, default=1000)
     p.add_argument("--samples", type=int, default=30, help="per subtask for offline_suite (depths spread evenly)")
     p.add_argument("--calib-samples", type=int, default=4, help="per subtask, for the @eq keep-ratio calibration")
-    p.add_argument("--rows", nargs="+", default=None, help=f"subset of: {', '.join([*ROWS, *EQ_PEERS])}")
+    p.add_argument("--rows", nargs="+", default=None, help=f"subset of: {', '.join([*ROWS, *EQ_PEERS, *EXTRA_ROWS])}")
     p.add_argument("--ttft-tokens", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-ttft", action="store_true", help="skip the TTFT columns (see --ttft-only)")
@@ -155,8 +158,8 @@ def main(argv: list[str] | None = None) -> str:
         if a.only_finished and not (a.runs / slug(name) / "metrics.json").exists():
             skipped.append(name)
             continue
-        if name in ROWS:
-            exp, extra = ROWS[name]
+        if name in ROWS or name in EXTRA_ROWS:
+            exp, extra = ROWS.get(name) or EXTRA_ROWS[name]
         elif name in EQ_PEERS:  # same quantizer as prompt_guided, keep ratio calibrated to its kv_bytes
             exp = name.split("@")[0]
             done = a.runs / slug(name) / "overrides.json"
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> str:
                 keep, _ = match_keep(exp, base, calib, score("prompt_guided", calib, [])["kv_bytes"])
                 extra = [*base, f"compressor.precision.keep_ratio={keep:.4f}"]
         else:
-            raise SystemExit(f"error: --rows {name} is not one of: {', '.join([*ROWS, *EQ_PEERS])}")
+            raise SystemExit(f"error: --rows {name} is not one of: {', '.join([*ROWS, *EQ_PEERS, *EXTRA_ROWS])}")
         rows[name] = row(name, exp, extra, task(a.samples), a)
     if "full_cache" not in rows or "prompt_guided" not in rows:
         print(f"rows {', '.join(rows)} done in {a.runs}; rerun with all rows to write the table", file=sys.stderr)

@@ -162,7 +162,8 @@ def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) 
         engine = Engine(model, tok, parts.compressor)
         samples = parts.task.samples(tok)
         records = evaluate(engine, parts.task, samples, desc=name)
-        metrics = {"task": c["task"]["name"], "experiment": name, **aggregate(parts.task, records)}
+        metrics = {"task": c["task"]["name"], "experiment": name, **parts.compressor.settings(),
+                   **aggregate(parts.task, records)}
         if c.get("compare_baseline"):
             metrics.update(_baseline(model, tok, parts.task, samples, metrics, records))
         if parts.task.fidelity:

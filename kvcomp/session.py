@@ -107,6 +107,8 @@ class Session:
                 release_memory(input_ids.device)
         if last is None:
             raise ValueError("empty input")
+        if self.scoring is not None:  # the prompt has been read: a late (question: end) pass may re-tier it
+            self.scoring.prompt_end(self)
         return last
 
     @torch.inference_mode()
@@ -148,4 +150,5 @@ class Session:
         return s
 
     def token_bits(self, layer_idx: int, scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
-        return None if self.policy is None else self.policy(scores, pos, self.prompt_len)
+        return None if self.policy is None else self.policy(scores, pos, self.prompt_len, layer_idx,
+                                                             len(self.cache.layers))

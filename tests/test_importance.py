@@ -43,7 +43,7 @@ def needle_context(n: int = 64, needle: tuple[int, int] = (40, 44), d: int = 16)
 @pytest.mark.parametrize("name", SCORERS_CFG)
 def test_scorer_shape_and_needle(name: str) -> None:
     ctx = needle_context()
-    s = SCORERS.build({"name": name}).score(ctx)
+    s = SCORERS.build({"name": name, **({"pool_kernel": 7} if name == "prompt_guided" else {})}).score(ctx)
     assert s.shape == (64,) and s.dtype == torch.float32 and torch.isfinite(s).all()
     if name in ("prompt_guided", "snapkv", "h2o"):  # attention-based: the planted needle ranks first
         needle = s[40:44]
@@ -55,8 +55,8 @@ def test_scorer_shape_and_needle(name: str) -> None:
 
 def test_prompt_guided_terms_switch_off() -> None:
     ctx = needle_context()
-    only = {t: SCORERS.build({"name": "prompt_guided", "alpha": float(t == "a"), "beta": float(t == "b"),
-                              "gamma": float(t == "g")}).score(ctx) for t in "abg"}
+    only = {t: SCORERS.build({"name": "prompt_guided", "pool_kernel": 7, "alpha": float(t == "a"),
+                              "beta": float(t == "b"), "gamma": float(t == "g")}).score(ctx) for t in "abg"}
     assert only["a"].argmax() in range(37, 47) and only["g"].argmax() in range(37, 47)  # pooled over 7
     assert torch.allclose(only["b"], torch.zeros(64))  # mid-prompt positions: no positional prior
     with pytest.raises(ConfigError, match="scorer.alpha"):
@@ -65,13 +65,13 @@ def test_prompt_guided_terms_switch_off() -> None:
 
 @pytest.mark.parametrize(("u", "tier"), [(1.0, 8), (0.7, 8), (0.6999, 4), (0.3, 4), (0.2999, 2), (0.0, 2)])
 def test_tier_boundaries(u: float, tier: int) -> None:
-    p = Precision(mode="tiers", theta_h=0.7, theta_m=0.3, protect_sinks=0)
+    p = Precision(mode="tiers", theta_h=0.7, theta_m=0.3, protect_sinks=0, normalize="minmax")
     scores = torch.tensor([0.0, u, 1.0])  # min-max keeps u as is
     assert int(p(scores, torch.arange(100, 103))[1]) == tier
 
 
 def test_drop_low_budget_and_sinks() -> None:
-    p = Precision(mode="tiers", drop_low=True, protect_sinks=2)
+    p = Precision(mode="tiers", drop_low=True, protect_sinks=2, normalize="minmax")
     bits = p(torch.tensor([0.0, 0.0, 0.1, 1.0, 0.5]), torch.arange(5))
     assert bits.tolist() == [8, 8, 0, 8, 4]
     budget = Precision(mode="budget", keep_ratio=0.5, protect_sinks=0)
@@ -120,14 +120,15 @@ def count_layer_inputs(model) -> tuple[list[int], list]:
 def test_dropped_tokens_never_reach_later_layers(tiny) -> None:
     model, _ = tiny
     ids = torch.randint(3, 250, (1, 200), generator=torch.Generator().manual_seed(3))
-    comp = unified("snapkv", propagation="layer_ratio", chunk=0, keep_last=0)
+    comp = unified("snapkv", propagation="layer_ratio", chunk=0, keep_last=0, budget="chunk")
     with comp.session(model) as s:
         seen, hooks = count_layer_inputs(model)  # registered after ours: sees the sliced kwargs
         s.prefill(ids)
     cache = s.cache
     for h in hooks:
         h.remove()
-    # 4 layers: early band = layer 0 (keeps 80 % after it), middle = 1-2 (60 %), late = 3 (40 %)
+    # 4 layers: ratios 0.8, 0.8, 0.6, 0.4 (early = layers 0-1 as 1 < 0.3 * 4) apply to what leaves a layer:
+    # shares 1, 0.8, 0.8, 0.6 (propagator.layer_shares); the last layer's 0.4 never applies
     assert seen == [200, 160, 160, 120]
     held = [layer.held() for layer in cache.layers]
     assert held == seen  # later layers cache only the propagated tokens

@@ -16,18 +16,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.profiler import record_function
 from transformers.cache_utils import CacheLayerMixin
 
 from kvcomp.cache.rope import Rope
 from kvcomp.cache.storage import Dense, Rows, Stored, nbytes, numel
-from kvcomp.kernels.chunk import History, chunk_attention
+from kvcomp.kernels.chunk import History, chunk_attention, scope
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
 
-#: policy(scores [T] (NaN = unscored), positions [T], prompt_len) -> token_bits [T] (0 drop, -1 default) or None
-PrecisionPolicy = Callable[[torch.Tensor, torch.Tensor, int], "torch.Tensor | None"]
+#: policy(scores [T] (NaN = unscored), positions [T], prompt_len, layer_idx, n_layers)
+#: -> token_bits [T] (0 drop, -1 default) or None
+PrecisionPolicy = Callable[[torch.Tensor, torch.Tensor, int, int, int], "torch.Tensor | None"]
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -130,14 +130,14 @@ class CompressedLayer(CacheLayerMixin):
         q = key_states.shape[-2]
         # the last `guide` tokens (a question appended to a prefill chunk) are attended to, never stored
         store = q - self.owner.run.guide_appended
-        with record_function("kvcomp::score"):
+        with scope("kvcomp::score"):
             scores = self.owner.run.score(self.layer_idx, key_states, positions, store, attn)
-        with record_function("kvcomp::rope"):
+        with scope("kvcomp::rope"):
             k_store = self.rope.invert(key_states, positions).to(key_states.dtype) if self.rope else key_states
         self._append(k_store[..., :store, :], value_states[..., :store, :], positions[:store].to(torch.int32),
                      scores)
         self.seen += store
-        with record_function("kvcomp::quantize"):
+        with scope("kvcomp::quantize"):
             self._flush(decode=q == 1)
 
     # -- storage -------------------------------------------------------------------------------------
@@ -200,11 +200,12 @@ class CompressedLayer(CacheLayerMixin):
             self.res_v = self.res_v[..., extra:, :].contiguous()
             self.res_pos = self.res_pos[extra:].clone()
             self.res_score = self.res_score[extra:].clone()
-        self.compress(k, v, pos, score)
+        self.compress(k, v, pos, score, decode)
 
-    def compress(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor) -> None:
+    def compress(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor,
+                 decode: bool = False) -> None:
         """Quantize ``[B, H, T, D]`` tokens at ``pos`` [T]; the owner's precision policy maps their
-        importance ``score`` [T] to bits per token (0 = drop)."""
+        importance ``score`` [T] to bits per token (0 = drop). ``decode``: a group of decoded tokens."""
         bits = self.owner.run.token_bits(self.layer_idx, score, pos)
         if bits is not None:
             keep = bits != 0
@@ -215,10 +216,12 @@ class CompressedLayer(CacheLayerMixin):
                 return
             if bool((bits == -1).all()):
                 bits = None
-        for seg in self.quantizer.compress(k, v, pos, self.state, bits):
+        for seg in self.quantizer.compress(k, v, pos, self.state, bits, decode=decode):
             self.k_blocks.append(seg.keys)
             self.v_blocks.append(seg.values)
             self.pos_blocks.append(pos if seg.index is None else pos[seg.index])
+        for i, (kb, vb) in self.quantizer.requantize(list(zip(self.k_blocks, self.v_blocks)), self.state).items():
+            self.k_blocks[i], self.v_blocks[i] = kb, vb
 
     # -- accounting ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

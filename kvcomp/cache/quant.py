@@ -75,6 +75,11 @@ class Packed:
         return [self.codes, self.scale, self.zero]
 
     @property
+    def width(self) -> int:
+        """Bits per element of the block's main storage."""
+        return self.bits
+
+    @property
     def n_outliers(self) -> int:
         return 0
 
@@ -121,6 +126,10 @@ class Sparse:
         return [*self.base.tensors(), self.index, self.values]
 
     @property
+    def width(self) -> int:
+        return self.base.width
+
+    @property
     def n_outliers(self) -> int:
         return int(self.index.numel()) + self.base.n_outliers
 
@@ -156,6 +165,10 @@ class ChannelSplit:
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.normal.tensors(), *self.special.tensors(), self.cols]
+
+    @property
+    def width(self) -> int:
+        return self.normal.width
 
     @property
     def n_outliers(self) -> int:

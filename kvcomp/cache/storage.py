@@ -31,6 +31,11 @@ class Stored(Protocol):
         """Elements held at higher precision than the block's main width (sparse values, outlier channels)."""
         ...
 
+    @property
+    def width(self) -> int:
+        """Bits per element of the block's main storage (16 for an uncompressed block)."""
+        ...
+
 
 def nbytes(block: Stored) -> int:
     """Bytes really held by ``block``: sum of ``nbytes`` of its tensors."""
@@ -57,6 +62,10 @@ class Dense:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.data]
+
+    @property
+    def width(self) -> int:
+        return 16
 
     @property
     def n_outliers(self) -> int:

@@ -31,6 +31,10 @@ class Compressor:
     def new_cache(self, model: Any) -> Any:
         raise NotImplementedError
 
+    def settings(self) -> dict[str, Any]:
+        """Run settings reported in metrics.json (e.g. when the question was known); none by default."""
+        return {}
+
     def needs(self, n_layers: int) -> arch.Needs:
         """What this compressor needs from a model of ``n_layers`` layers (nothing: a plain cache)."""
         return arch.Needs()

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from kvcomp.cache import CompressedCache
 from kvcomp.compressor.base import Compressor
 from kvcomp.compressor.precision import Precision
+from kvcomp.compressor.timing import prompt_end, say_once
 from kvcomp.errors import ConfigError
 from kvcomp.fields import bind
 from kvcomp.kernels.interface import use_packed_attention
@@ -38,10 +39,14 @@ class Scoring:
         self.window = window  # trailing queries to keep (-1 = all)
         self.n_layers = len(arch.decoder_layers(model))
         self.windows = arch.windows(model)  # per layer: its sliding window (None: full attention)
+        self.last_queries: dict[int, tuple[torch.Tensor, float]] = {}  # question: end -- last forward's queries
+        self.end_pass: Any = None  # question: end -- called once the prompt has been read
 
     def score(self, cache: CompressedCache, layer_idx: int, new_keys: torch.Tensor, positions: torch.Tensor,
               n_store: int, attn: tuple[torch.Tensor, torch.Tensor, float] | None, prompt_len: int) -> torch.Tensor:
         q, d = new_keys.shape[-2], new_keys.shape[-1]
+        if n_store == 0:  # only an appended question reached this layer (propagation stopped the chunk)
+            return torch.zeros(0, device=new_keys.device)
         rope = cache.ropes[layer_idx]
         pre = rope.invert(new_keys, positions) if rope is not None else new_keys
         queries = lse = None
@@ -51,10 +56,16 @@ class Scoring:
             if self.window != 0:
                 w = q if self.window < 0 else min(self.window, q)
                 queries, lse = attn[0][:, :, -w:], attn[1][:, :, -w:]
+                self.last_queries[layer_idx] = (queries, scaling)
         ctx = ScoreContext(layer_idx, self.n_layers, new_keys, pre, queries, lse, positions, n_store,
                            scaling, prompt_len, self.windows[layer_idx])
         s = self.scorer.score(ctx).float()
         return torch.nan_to_num(s, nan=0.0)
+
+    def prompt_end(self, run: Any) -> None:
+        """The prompt has been read (the session's prefill is done): run the end pass, if any."""
+        if self.end_pass is not None:
+            self.end_pass(run, self)
 
 
 @COMPRESSORS.register("unified")
@@ -64,7 +75,7 @@ class Unified(Compressor):
 
     chunk_size: int = 512
     precision: dict[str, Any] = field(default_factory=dict)
-    guide_with_question: bool = True
+    question: Literal["oracle", "end", "none"] = "oracle"
     quantizer: Any = None
     propagator: Any = None
     scorer: Any = None
@@ -98,14 +109,27 @@ class Unified(Compressor):
     def new_cache(self, model: Any) -> CompressedCache:
         return CompressedCache(model, self.quantizer)
 
+    def settings(self) -> dict[str, Any]:
+        """Run settings reported in metrics.json (information the method was given)."""
+        return {"question": self.question}
+
     def install(self, session: Session, stack: ExitStack) -> None:
         model = session.model
-        session.policy = self.policy if self.policy.active else None
+        session.policy = self.policy.for_prompt() if self.policy.active else None
+        if self.question == "none":  # the method is given no question at all
+            session.question_ids, session.question_len = None, 0
         if self.scorer is not None:
+            needs = self.scorer.needs_question
+            if needs and session.question_ids is None:
+                say_once(f"scorer={self.scorer.registry_name} needs a question and got none (compressor.question="
+                         f"{self.question}): each chunk is scored by its own last 32 queries instead")
             window = self.scorer.query_window or (session.question_len or 32)
             session.scoring = Scoring(self.scorer, model, window)
-            if self.scorer.needs_question and self.guide_with_question and session.question_ids is not None:
+            if needs and self.question == "oracle" and session.question_ids is not None:
                 session.guide_ids = session.question_ids
+            if needs and self.question == "end" and session.question_ids is not None and self.policy.mode == "tiers":
+                session.policy.defer_drops = True
+                session.scoring.end_pass = lambda run, scoring: prompt_end(run, scoring, self.policy)
         if self.propagator is not None:
             handles = self.propagator.install(model, session, fix_masks=self.policy.may_drop)
             stack.callback(lambda: [h.remove() for h in handles])

@@ -9,8 +9,9 @@
   (or ``TRITON_INTERPRET=1`` on CPU);
 - ``"auto"`` (default): ``"triton"`` for CUDA tensors when triton is installed, else ``"reference"``.
 
-Nothing here is used by default: the cache's own ``update`` path (``materialize`` + the model's
-attention) is unchanged.
+In a compressed run the model's attention is ``interface.py``'s ``kvcomp_packed`` function: prefill chunks
+(and decode on CPU) read the packed blocks tile by tile (``chunk.py``); decode steps on CUDA use the Triton
+kernel once it passed its first-use self-check (``dispatch.py``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ scopes ``kvcomp::dequantize`` / ``kvcomp::rope`` / ``kvcomp::attend`` name where
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.profiler import record_function
@@ -119,6 +121,12 @@ def dequantize_tile(block: Stored, t0: int, t1: int, out: torch.Tensor) -> torch
     return out
 
 
+def scope(name: str) -> Any:
+    """A named profiler range while torch.profiler records (``benchmarks.prefill``'s breakdown), else nothing:
+    ranges cost a dispatcher call each, and a decode step opens dozens per layer."""
+    return record_function(name) if torch._C._autograd._profiler_enabled() else nullcontext()
+
+
 def _per(bits: int) -> int:
     return 8 if bits == 3 else 8 // bits
 
@@ -178,9 +186,14 @@ def _packed_tile(p: Packed, t0: int, t1: int, out: torch.Tensor) -> None:
         torch.mul(code.view(b, h, n, ng, g), scale, out=ov)
         ov.add_(zero)
         return
-    gi = torch.arange(t0, t1, device=p.codes.device) // p.group
-    scale = p.scale.view(b, h, d, ng).index_select(-1, gi).float().transpose(-1, -2)  # [B, H, n, D]
-    zero = p.zero.view(b, h, d, ng).index_select(-1, gi).float().transpose(-1, -2)
+    g0 = t0 // p.group
+    if (t1 - 1) // p.group == g0:  # one group (e.g. a whole block per channel): broadcast, no gather
+        scale = p.scale.view(b, h, d, ng)[..., g0 : g0 + 1].float().transpose(-1, -2)  # [B, H, 1, D]
+        zero = p.zero.view(b, h, d, ng)[..., g0 : g0 + 1].float().transpose(-1, -2)
+    else:
+        gi = torch.arange(t0, t1, device=p.codes.device) // p.group
+        scale = p.scale.view(b, h, d, ng).index_select(-1, gi).float().transpose(-1, -2)  # [B, H, n, D]
+        zero = p.zero.view(b, h, d, ng).index_select(-1, gi).float().transpose(-1, -2)
     torch.mul(code, scale, out=out)
     out.add_(zero)
 
@@ -266,19 +279,19 @@ def chunk_attention(query: torch.Tensor, history: History, new_k: torch.Tensor, 
             for kb, vb, pos, t0, t1 in pieces:
                 n = t1 - t0
                 if rope is None:
-                    with record_function("kvcomp::dequantize"):
+                    with scope("kvcomp::dequantize"):
                         dequantize_tile(kb, t0, t1, k[:, :, o : o + n])
                 else:
-                    with record_function("kvcomp::dequantize"):
+                    with scope("kvcomp::dequantize"):
                         raw = dequantize_tile(kb, t0, t1, scratch[: b * hkv * n * d].view(b, hkv, n, d))
-                    with record_function("kvcomp::rope"):
+                    with scope("kvcomp::rope"):
                         rotate_into(rope, raw, pos[t0:t1], k[:, :, o : o + n])
-                with record_function("kvcomp::dequantize"):
+                with scope("kvcomp::dequantize"):
                     dequantize_tile(vb, t0, t1, v[:, :, o : o + n])
                 o += n
-            with record_function("kvcomp::attend"):
+            with scope("kvcomp::attend"):
                 merge.add(*attend_pair(q, k, v, scale, causal=False))
-    with record_function("kvcomp::attend"):
+    with scope("kvcomp::attend"):
         merge.add(*attend_pair(q, new_k.float(), new_v.float(), scale, causal=True))
     assert merge.out is not None and merge.lse is not None
     return merge.out.to(query.dtype), merge.lse

@@ -12,15 +12,29 @@ The base class owns the hooks (installed per sequence by the compressor, removed
   the attention mask for that layer's own history length (layers hold different numbers of tokens).
 
 Later layers therefore compute, and cache, only the propagated tokens. Decode steps pass untouched.
+
+Layer -> share map (``layer_shares``): ``ratio(l)`` applies to the hidden states *leaving* layer ``l``, so
+layer 0 computes and holds every token (it must, to score them), layer ``l >= 1`` computes and holds
+``min(ratio(0..l-1))`` of them, and the last layer's ratio never applies (nothing follows it). A band's
+ratio therefore takes effect one layer late: with ``layer_ratio`` on 30 layers (bands 0-8 / 9-20 / 21-29)
+layers 1-9 hold 80 %, 10-21 hold 60 %, 22-29 hold 40 %; on 4 layers (0.8, 0.8, 0.6, 0.4) the shares are
+1, 0.8, 0.8, 0.6 and the 40 % band never applies.
+
+``budget`` says over what the share holds: ``chunk`` = every forward (prefill chunk) keeps that share of
+its own candidates, whatever they hold; ``prompt`` = the share holds over the whole prompt: a candidate
+goes on when its accumulated score's quantile among every candidate that reached this layer so far (this
+chunk included) is in the top share, so an important chunk's tokens may all go on while a filler chunk's
+mostly stop (a chunk never carries more than its own tokens; the first chunk is ranked against itself).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from kvcomp.compressor.precision import RunningScores
 from kvcomp.errors import ConfigError
 from kvcomp.fields import param
 from kvcomp.masks import layer_mask
@@ -54,6 +68,8 @@ class _Forward:
         self.n_cand0 = 0
         self.acc: torch.Tensor | None = None  # running sum of the carried candidates' scores over layers
         self.layers = 0
+        self.share = 1.0  # scheduled share of the forward's candidates still carried
+        self.stats: RunningScores | None = None  # budget: prompt -- per layer, across the prompt's forwards
 
 
 @dataclass
@@ -61,9 +77,18 @@ class Propagator:
     """Base: propagates every token (``ratio`` 1); subclasses give a schedule. ``keep_last``: tail always kept."""
 
     keep_last: int = param(32, ge=0)
+    budget: Literal["prompt", "chunk"] = "prompt"
 
     def ratio(self, layer_idx: int, n_layers: int) -> float:
         return 1.0
+
+    def layer_shares(self, n_layers: int) -> list[float]:
+        """Share of the prompt's (candidate) tokens each layer computes and holds (see the module doc)."""
+        shares, share = [], 1.0
+        for i in range(n_layers):
+            shares.append(share)
+            share = min(share, self.ratio(i, n_layers))
+        return shares
 
     def active(self, n_layers: int) -> bool:
         return any(self.ratio(i, n_layers) < 1.0 for i in range(n_layers))
@@ -83,6 +108,7 @@ class Propagator:
                               "drops need sdpa or eager (model.attn_implementation=sdpa)")
         win = windows(model)
         fw = _Forward()
+        fw.stats = RunningScores() if self.budget == "prompt" else None
         handles = []
         for i, layer in enumerate(layers):
             handles.append(layer.register_forward_pre_hook(self._pre(i, run, fw, win[i], impl), with_kwargs=True))
@@ -95,7 +121,7 @@ class Propagator:
             h = args[0] if args else kwargs["hidden_states"]
             t = h.shape[1]
             if i == 0:
-                fw.index, fw.acc, fw.layers = None, None, 0
+                fw.index, fw.acc, fw.layers, fw.share = None, None, 0, 1.0
                 fw.n_cand0 = t - self._protected(run, t)
                 fw.positions = kwargs.get("position_ids")  # [B, T] of the whole forward
                 if fw.positions is None:
@@ -128,10 +154,19 @@ class Propagator:
             s = scores[:cand].float()
             fw.acc = s if fw.acc is None else fw.acc + s
             fw.layers += 1
-            target = round(self.ratio(i, n) * fw.n_cand0)
-            if cand <= target or cand <= 0:
-                return None
-            top = torch.topk(fw.acc, max(target, 0)).indices.sort().values
+            if fw.stats is not None:  # budget: prompt -- a running quantile threshold per layer
+                ratio = self.ratio(i, n)
+                if ratio >= fw.share or cand <= 0:
+                    return None
+                keep = ratio / fw.share  # of the candidates that reached this layer
+                fw.share = ratio
+                u = fw.stats.quantile(i, fw.acc)
+                top = (u >= 1.0 - keep).nonzero().squeeze(1)
+            else:
+                target = round(self.ratio(i, n) * fw.n_cand0)
+                if cand <= target or cand <= 0:
+                    return None
+                top = torch.topk(fw.acc, max(target, 0)).indices.sort().values
             fw.acc = fw.acc[top]
             local = torch.cat([top, torch.arange(cand, t, device=top.device)])
             base = fw.index if fw.index is not None else torch.arange(t, device=local.device)

@@ -8,7 +8,10 @@ residual (a prefill chunk, or a group of decoded tokens)::
 with ``keys``/``values`` ``[B, H, T, D]`` (keys pre-RoPE when ``pre_rope``), ``positions`` ``[T]``
 absolute token positions, ``state`` the layer's dict from ``init_state()`` (mutated in place), and
 ``token_bits`` an optional ``[T]`` int tensor from a precision policy (16 = keep fp16; 2/3/4/8 = width
-wanted for that token; dropped tokens never reach the quantizer). The segments cover every token once.
+wanted for that token; dropped tokens never reach the quantizer) and ``decode`` true for a group of decoded
+tokens (false for a prefill chunk). The segments cover every token once. After storing them the layer
+calls ``quantizer.requantize(blocks, state)``: a quantizer may re-encode earlier blocks once its statistics
+are settled (LiveKVQuant's warm-up chunks); the default changes nothing.
 
 The base class does the bookkeeping: ``observe`` updates statistics from the whole run, then tokens are
 grouped by (key width, value width) — attention-sink tokens at ``sink_bits``, policy widths, else
@@ -28,6 +31,7 @@ from kvcomp.errors import ConfigError
 from kvcomp.fields import param
 
 PACK_BITS = (2, 3, 4, 8)
+Blocks = list[tuple[Stored, Stored]]  # a layer's (K, V) blocks, oldest first
 WIDTHS = (*PACK_BITS, 16)
 
 
@@ -66,6 +70,10 @@ class Quantizer:
         """Store ``[B, H, T, D]`` keys and values at the given widths (2/3/4/8)."""
         raise NotImplementedError
 
+    def requantize(self, blocks: Blocks, state: dict[str, Any]) -> dict[int, tuple[Stored, Stored]]:
+        """Replacements ``{i: (keys, values)}`` for earlier (K, V) blocks of the layer (default: none)."""
+        return {}
+
     # -- shared ------------------------------------------------------------------------------------
     def compress(
         self,
@@ -74,9 +82,15 @@ class Quantizer:
         positions: torch.Tensor,
         state: dict[str, Any],
         token_bits: torch.Tensor | None = None,
+        decode: bool = False,
     ) -> list[Segment]:
         """Store ``[B, H, T, D]`` keys/values; return segments covering all T tokens."""
         self.observe(keys, values, state)
+        return self.store(keys, values, positions, state, token_bits)
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, state: dict[str, Any],
+              token_bits: torch.Tensor | None = None) -> list[Segment]:
+        """``compress`` without updating the statistics (re-encoding tokens already observed)."""
         t = keys.shape[-2]
         kb, vb = self.widths(state)
         kbits = torch.full((t,), kb, dtype=torch.int64, device=keys.device)

@@ -11,21 +11,31 @@ up the range::
 Dense-and-sparse storage of a chunk (after ``warmup_chunks``): elements with ``|x| > outlier_scale * r``
 go to a sparse fp16 list with int32 flat indices; the rest (clamped to the range) is INT-``bits``:
 keys per channel over the chunk (pre-RoPE), values per token in groups of ``value_group_size`` channels.
-The first ``warmup_chunks`` chunks of each layer only build statistics and are stored in fp16.
-No token is ever dropped by this quantizer.
+``range`` picks the INT grid of that rest:
+
+- ``chunk``: each group's own min/max of the clamped chunk (the EMA is only the outlier cut-off);
+- ``ema``: the seed's streaming range: ``[-outlier_scale * r, +outlier_scale * r]`` per channel for keys
+  (the clipped EMA *is* the INT range; a group's grid never depends on the chunk's extremes), values per
+  token keep their own min/max inside the cut-off (a per-token group has no channel statistic).
+
+The first ``warmup_chunks`` prefill chunks of each layer build statistics and are stored in fp16; decode
+flush groups update the statistics but are never warm-up (neither stored in fp16 nor counted as a chunk).
+``requantize_warmup``: once warm-up ends (the first chunk after it), the fp16 warm-up blocks are
+re-encoded at ``bits`` with the settled statistics, so the cache holds no fp16 tokens in the end (tokens a
+precision policy asked to keep at 16 bits during warm-up are re-encoded too). No token is ever dropped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from kvcomp.cache.quant import Sparse, quantize, split_outliers
-from kvcomp.cache.storage import Stored
+from kvcomp.cache.storage import Dense, Segment, Stored
 from kvcomp.fields import param
-from kvcomp.quantizer.base import PACK_BITS, Quantizer
+from kvcomp.quantizer.base import PACK_BITS, Blocks, Quantizer
 from kvcomp.registry import QUANTIZERS
 
 
@@ -48,26 +58,56 @@ class LiveKVQuant(Quantizer):
     outlier_scale: float = param(1.0, gt=0)
     warmup_chunks: int = param(2, ge=0)
     value_group_size: int = param(0, ge=0)
+    range: Literal["chunk", "ema"] = "chunk"
+    requantize_warmup: bool = False
 
     def init_state(self) -> dict[str, Any]:
         return {"chunks": 0}
 
+    def compress(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, state: dict[str, Any],
+                 token_bits: torch.Tensor | None = None, decode: bool = False) -> list[Segment]:
+        warm = not decode and state["chunks"] < self.warmup_chunks
+        state["chunks"] += 0 if decode else 1
+        state["warm"] = warm
+        segments = super().compress(keys, values, positions, state, token_bits, decode)
+        if warm and self.requantize_warmup:  # mark the fp16 warm-up blocks for re-encoding
+            segments = [Segment(WarmupBlock(s.keys.data), WarmupBlock(s.values.data), s.index)
+                        if isinstance(s.keys, Dense) and isinstance(s.values, Dense) else s for s in segments]
+        elif not warm and self.requantize_warmup and not state.get("requantized"):
+            state["requantized"] = True
+            state["requantize_now"] = True
+        return segments
+
+    def requantize(self, blocks: Blocks, state: dict[str, Any]) -> dict[int, tuple[Stored, Stored]]:
+        if not state.pop("requantize_now", False):
+            return {}
+        return {i: self.encode(k.data, v.data, self.bits, self.bits, state)
+                for i, (k, v) in enumerate(blocks) if isinstance(k, WarmupBlock) and isinstance(v, WarmupBlock)}
+
     def observe(self, keys: torch.Tensor, values: torch.Tensor, state: dict[str, Any]) -> None:
-        state["chunks"] += 1
         clipped_ema(state, "r_k", keys.abs().amax(dim=-2, keepdim=True), self.ema_decay, self.clip_factor)
         clipped_ema(state, "r_v", values.abs().amax(dim=-2, keepdim=True), self.ema_decay, self.clip_factor)
 
     def widths(self, state: dict[str, Any]) -> tuple[int, int]:
-        if state["chunks"] <= self.warmup_chunks:  # warm-up: statistics only, stored in fp16
+        if state.get("warm"):  # warm-up: statistics only, stored in fp16
             return 16, 16
         return self.bits, self.bits
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, key_bits: int, value_bits: int,
                state: dict[str, Any]) -> tuple[Stored, Stored]:
-        return (self._one(keys, key_bits, "channel", 0, state["r_k"]),
-                self._one(values, value_bits, "token", self.value_group_size, state["r_v"]))
+        return (self._one(keys, key_bits, "channel", 0, state["r_k"], self.range == "ema"),
+                self._one(values, value_bits, "token", self.value_group_size, state["r_v"], False))
 
-    def _one(self, x: torch.Tensor, bits: int, axis: str, group: int, r: torch.Tensor) -> Stored:
-        dense, index, vals = split_outliers(x.float(), self.outlier_scale * r)
-        base = quantize(dense, bits, axis, group)
+    def _one(self, x: torch.Tensor, bits: int, axis: str, group: int, r: torch.Tensor, ema: bool) -> Stored:
+        limit = self.outlier_scale * r
+        dense, index, vals = split_outliers(x.float(), limit)
+        if ema:  # per-channel grid [-limit, limit]; grouped view of a [B, H, T, D] block by channel: [B, H, D, 1, 1]
+            lim = limit.expand(x.shape[0], x.shape[1], 1, x.shape[-1]).transpose(-1, -2).unsqueeze(-1)
+            base = quantize(dense, bits, axis, group, lo=-lim, hi=lim)
+        else:
+            base = quantize(dense, bits, axis, group)
         return Sparse(base, index, vals) if index.numel() else base
+
+
+class WarmupBlock(Dense):
+    """An fp16 warm-up block that ``requantize_warmup`` re-encodes once the statistics are settled."""

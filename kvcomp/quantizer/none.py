@@ -26,5 +26,6 @@ class NoQuantizer(Quantizer):
         positions: torch.Tensor,
         state: dict[str, Any],
         token_bits: torch.Tensor | None = None,
+        decode: bool = False,
     ) -> list[Segment]:
         return [Segment(Dense(keys), Dense(values))]

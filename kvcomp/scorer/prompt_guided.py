@@ -14,14 +14,21 @@ chunk tokens i at absolute positions p_i, and a prompt of T tokens:
 - r(i) = max_j cos(k̃_i, k̃_P,j), min-max normalised: context relevance, the best cosine between token
   i's pre-RoPE key (content without position, averaged over KV heads) and any question token's.
 
-Â and r are max-pooled over ``pool_kernel`` neighbouring tokens (as SnapKV does), so the tokens around a
-match (the value next to its key) share its score. Each term is switched off by a weight of 0. The
+Â and r are max-pooled over ``pool_kernel`` (21) neighbouring tokens (as SnapKV does), so the tokens around
+a match (the value next to its key) share its score; 21 rather than SnapKV's 7 because with propagation a
+7-digit value must reach the deep layers whole (measured, README "Issue 17").
+``term_scale`` sets how Â and r are made comparable:
+``chunk`` min-max normalises each over the chunk (every chunk then has a token at 1, whatever it holds);
+``absolute`` keeps them on one scale across chunks, so a downstream global policy can tell a filler chunk
+from a needle chunk: Â = x / (1 + x) with x = attention x number of keys (1 = uniform attention -> 0.5),
+r = the cosine clamped to [0, 1]. Each term is switched off by a weight of 0. The
 weights need not sum to 1; scores are only ranked and normalised downstream.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -41,7 +48,8 @@ class PromptGuided(Scorer):
     gamma: float = param(0.3, ge=0)
     layer_decay: float = param(0.5, ge=0, le=1)
     pos_window: int = param(64, gt=0)
-    pool_kernel: int = param(7, ge=1, where=lambda k: k % 2 == 1, what="odd")
+    pool_kernel: int = param(21, ge=1, where=lambda k: k % 2 == 1, what="odd")
+    term_scale: Literal["chunk", "absolute"] = "absolute"
     query_window: int = 0  # set from the question length at run time
     needs_question: bool = True
 
@@ -55,7 +63,11 @@ class PromptGuided(Scorer):
         w = ctx.queries.shape[2] if ctx.queries is not None else 0
         if self.alpha and w:
             w_l = 1.0 - self.layer_decay * ctx.layer_idx / max(1, ctx.n_layers - 1)
-            s += self.alpha * w_l * minmax(pool1d(stored_attention(ctx), self.pool_kernel))
+            a = stored_attention(ctx)
+            if self.term_scale == "absolute":
+                x = a * (int(ctx.positions[-1]) + 1)  # keys the last query sees (dropped ones included)
+                a = x / (1 + x)
+            s += self.alpha * w_l * self._scale(pool1d(a, self.pool_kernel))
         if self.beta:
             p = ctx.positions[:n].float()
             last = float(max(ctx.prompt_len, int(ctx.positions[-1]) + 1) - 1)
@@ -64,5 +76,8 @@ class PromptGuided(Scorer):
         if self.gamma:
             k = torch.nn.functional.normalize(ctx.new_keys_pre.float().mean(dim=(0, 1)), dim=-1)  # [q, D]
             guide = k[n:] if k.shape[0] > n else k[-max(1, w):]
-            s += self.gamma * minmax(pool1d((k[:n] @ guide.T).amax(dim=-1), self.pool_kernel))
+            s += self.gamma * self._scale(pool1d((k[:n] @ guide.T).amax(dim=-1), self.pool_kernel))
         return s
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        return minmax(x) if self.term_scale == "chunk" else x.clamp(0, 1)

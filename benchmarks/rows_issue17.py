@@ -1,0 +1,29 @@
+"""Issue 17's rows for ``benchmarks.methods``: name -> (experiment, overrides), one variant of prompt_guided each.
+
+Question timing (``compressor.question``), tier normalisation (``compressor.precision.normalize`` with the
+scorer's matching ``term_scale``) and the propagation variants (``propagation.budget``, ``propagation=none``).
+The defaults are ``question: oracle``, ``normalize: global`` + ``term_scale: absolute``, ``budget: prompt``
+(the plain ``prompt_guided`` row). Each row's bytes differ; an equal-bytes comparison calibrates snapkv@eq /
+h2o@eq against the row in question (``compressor.question=end`` for the issue's goal).
+"""
+
+from __future__ import annotations
+
+PG = "prompt_guided"
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "prompt_guided, question=end": (PG, ["compressor.question=end"]),
+    "prompt_guided, question=none": (PG, ["compressor.question=none"]),
+    "prompt_guided, question=end, propagation=none": (PG, ["compressor.question=end", "propagation=none"]),
+    "prompt_guided, normalize=minmax (per chunk)": (PG, ["compressor.precision.normalize=minmax",
+                                                          "scorer.term_scale=chunk"]),
+    "prompt_guided, normalize=rank (per chunk)": (PG, ["compressor.precision.normalize=rank",
+                                                        "scorer.term_scale=chunk"]),
+    "prompt_guided, question=end, normalize=minmax": (PG, ["compressor.question=end",
+                                                            "compressor.precision.normalize=minmax",
+                                                            "scorer.term_scale=chunk"]),
+    "prompt_guided, pool_kernel=21": (PG, ["scorer.pool_kernel=21"]),
+    "prompt_guided, question=end, pool_kernel=21": (PG, ["compressor.question=end", "scorer.pool_kernel=21"]),
+    "prompt_guided, propagation budget=chunk": (PG, ["propagation.budget=chunk"]),
+    "prompt_guided, question=end, propagation budget=chunk": (PG, ["compressor.question=end",
+                                                                    "propagation.budget=chunk"]),
+}

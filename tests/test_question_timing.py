@@ -1,0 +1,121 @@
+"""Question timing (issue 17): oracle / end / none, the end pass (demote or drop, never promote), the log line."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from kvcomp.cache.rewrite import demote, held_positions
+from kvcomp.compressor import timing
+from kvcomp.errors import ConfigError
+from kvcomp.generation import greedy_generate
+from kvcomp.registry import COMPRESSORS, PROPAGATORS, QUANTIZERS, SCORERS
+
+TIERS = {"mode": "tiers", "drop_low": True}
+
+
+def unified(question: str, precision: dict | None = None, propagation: str = "none", scorer: str = "prompt_guided"):
+    return COMPRESSORS.build({"name": "unified", "chunk_size": 64, "question": question,
+                              "precision": TIERS if precision is None else precision},
+                             quantizer=QUANTIZERS.build({"name": "kvquant_stream"}),
+                             propagator=PROPAGATORS.build({"name": propagation}),
+                             scorer=SCORERS.build({"name": scorer}))
+
+
+def widths(layer) -> dict[int, int]:
+    """Position -> key width of every token a layer holds."""
+    return {int(p): b.width for b, pos in zip(layer.k_blocks, layer.pos_blocks, strict=True) for p in pos.tolist()}
+
+
+def forward_lengths(model, comp, ids, question):
+    lengths: list[int] = []
+    h = model.register_forward_pre_hook(lambda m, a, k: lengths.append(k["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        with comp.session(model, question) as sess:
+            sess.prefill(ids)
+    finally:
+        h.remove()
+    return lengths, sess.cache
+
+
+def test_timings_differ_in_what_the_forward_sees(tiny) -> None:
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, 150), generator=torch.Generator().manual_seed(7))
+    q = ids[:, -6:]
+    seen = {t: forward_lengths(model, unified(t), ids, q) for t in ("oracle", "end", "none")}
+    assert seen["oracle"][0] == [70, 70, 22]  # question appended to the non-final chunks
+    assert seen["end"][0] == seen["none"][0] == [64, 64, 22]  # never appended
+    for t, (_, cache) in seen.items():  # drops: oracle/none while streaming, end only in the end pass
+        assert cache.get_compression_stats()["tokens_dropped"] > 0, t
+    assert unified("end").settings() == {"question": "end"}
+    with pytest.raises(ConfigError, match="compressor.question=later is not one of: oracle, end, none"):
+        unified("later")
+
+
+def test_end_pass_demotes_or_drops_and_never_promotes(tiny, monkeypatch) -> None:
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, 200), generator=torch.Generator().manual_seed(8))
+    comp = unified("end")
+    before: dict[int, dict[int, int]] = {}
+    real = timing.prompt_end
+
+    def spy(run, scoring, policy):
+        c = run.cache
+        before.update({i: widths(layer) for i, layer in enumerate(c.layers)})
+        assert c.get_compression_stats()["tokens_dropped"] == 0  # drops were deferred while streaming
+        assert min(w for layer in before.values() for w in layer.values()) == 4  # held at hold_bits, at least
+        return real(run, scoring, policy)
+
+    monkeypatch.setattr("kvcomp.compressor.unified.prompt_end", spy)
+    with comp.session(model, ids[:, -6:]) as sess:
+        sess.prefill(ids)
+    cache = sess.cache
+    assert before, "the end pass did not run"
+    dropped = 0
+    for i, layer in enumerate(cache.layers):
+        after = widths(layer)
+        assert set(after) <= set(before[i])
+        assert all(after[p] <= before[i][p] for p in after)  # no promotion
+        dropped += len(before[i]) - len(after)
+        assert any(after[p] < before[i][p] for p in after) or len(after) < len(before[i])
+        assert min(after.values()) == 2 or len(after) < len(before[i])  # demoted below the hold width
+    assert dropped == cache.get_compression_stats()["tokens_dropped"] > 0
+    assert all(p in widths(layer) for layer in cache.layers for p in range(4))  # sinks kept
+
+
+def test_demote_leaves_unchanged_blocks_bit_exact(tiny) -> None:
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, 128), generator=torch.Generator().manual_seed(9))
+    comp = unified("oracle", precision={"mode": "none"}, scorer="snapkv")
+    with comp.session(model) as sess:
+        sess.prefill(ids)
+    cache = sess.cache
+    layer = cache.layers[1]
+    first, second = layer.k_blocks[-2], layer.k_blocks[-1]  # two 4-bit chunks (sinks are a block of their own)
+    n_first, n_second = layer.pos_blocks[-2].numel(), layer.pos_blocks[-1].numel()
+    bits = torch.full((layer.held(),), -1)
+    bits[-n_second:] = 2
+    bits[-5:] = 0
+    bits[-n_second - n_first] = 8  # a promotion request: ignored
+    assert demote(layer, bits) == 5
+    assert layer.k_blocks[-2 if layer.k_blocks[-2] is first else -3] is first
+    assert layer.k_blocks[-1].width == 2 and layer.k_blocks[-1] is not second
+    assert sorted(held_positions(layer).tolist()) == list(range(123))
+    with pytest.raises(ValueError, match="widths for"):
+        demote(layer, torch.zeros(3))
+
+
+def test_missing_question_is_said_once(tiny, caplog) -> None:
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, 100), generator=torch.Generator().manual_seed(10))
+    timing._said.clear()
+    with caplog.at_level(logging.WARNING, logger="kvcomp.compressor.timing"):
+        for question in (ids[:, -5:], None, None):
+            comp = unified("none" if question is not None else "end")
+            with comp.session(model, question) as sess:
+                greedy_generate(sess, ids, 2, set())
+    said = [r.getMessage() for r in caplog.records if "needs a question" in r.getMessage()]
+    assert len(said) == 2  # once for question=none, once for end without a question
+    assert "compressor.question=none" in said[0] and "compressor.question=end" in said[1]
