@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: cache attributes that are wiring (shared objects), not per-sequence state
-_SHARED = ("layers", "owner", "quantizer", "rope", "scoring", "policy")
+_SHARED = ("layers", "owner", "quantizer", "rope", "ropes", "scoring", "policy", "_run")
 
 
 def default_dir() -> Path:
