@@ -18,18 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvcomp.stats import interval
+
 
 def load(d: str) -> dict[str, dict[str, Any]]:
     return {r["id"]: r for r in map(json.loads, Path(d, "predictions.jsonl").read_text().splitlines())}
-
-
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 0.0
-    p = k / n
-    c = (p + z * z / (2 * n)) / (1 + z * z / n)
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 def ratio_ci(ref: dict[str, Any], run: dict[str, Any], n_boot: int = 2000) -> tuple[float, float, float]:
@@ -82,9 +75,11 @@ def main(argv: list[str]) -> str:
         cells = []
         for sub in ("passkey", "needle"):
             rs = [r for i, r in run.items() if i.startswith(sub)]
-            k = sum(r["score"] for r in rs)
-            lo, hi = wilson(k, len(rs))
-            cells.append(f"{100 * k / max(1, len(rs)):.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({len(rs)})")
+            iv = interval([r["score"] for r in rs], scale=100.0)  # Wilson: exact-match rates
+            if iv["n"]:
+                cells.append(f"{iv['mean']:.1f} [{iv['low']:.1f}, {iv['high']:.1f}] ({iv['n']})")
+            else:
+                cells.append("0.0 [0.0, 0.0] (0)")
         p, lo, hi = ratio_ci(ref, run)
         lines.append(f"| {name} | {sum(kv) / max(1, len(kv)):.2f} | {cells[0]} | {cells[1]} | "
                      f"{100 * p:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] |")

@@ -42,14 +42,8 @@ def interval(values: Sequence[float], seed: int = 0, scale: float = 1.0, rate: b
     if rate and _binary(x):
         ci = stats.binomtest(int(x.sum()), n).proportion_ci(confidence_level=LEVEL, method="wilson")
         low, high, method = float(ci.low), float(ci.high), "wilson"
-    elif n < 2 or float(x.max() - x.min()) == 0.0:
-        low = high = mean
-        method = "constant"
-    else:
-        res = stats.bootstrap((x,), np.mean, confidence_level=LEVEL, n_resamples=RESAMPLES, method="percentile",
-                              rng=np.random.default_rng(seed))
-        low, high, method = float(res.confidence_interval.low), float(res.confidence_interval.high), "bootstrap"
-    return {"mean": mean * scale, "low": low * scale, "high": high * scale, "n": n, "method": method}
+        return {"mean": mean * scale, "low": low * scale, "high": high * scale, "n": n, "method": method}
+    return _bootstrap(x, seed, scale)
 
 
 def paired(a: Sequence[float], b: Sequence[float], seed: int = 0, scale: float = 1.0) -> dict[str, Any]:
@@ -61,7 +55,7 @@ def paired(a: Sequence[float], b: Sequence[float], seed: int = 0, scale: float =
     return r
 
 
-def _bootstrap(d: list[float], seed: int, scale: float) -> dict[str, Any]:
+def _bootstrap(d: Sequence[float] | np.ndarray, seed: int, scale: float) -> dict[str, Any]:
     from scipy import stats
 
     x = np.asarray(d, dtype=np.float64)
