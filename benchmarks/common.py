@@ -104,6 +104,14 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def publish(out: Path, text: str) -> str:
+    """Write a results file (creating its folder), print it, and return the text."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return text
+
+
 def header(title: str, argv: list[str]) -> str:
     """Markdown header: machine, versions, the command that produced the table."""
     import transformers

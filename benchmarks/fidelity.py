@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import header
+from benchmarks.common import header, publish
 from benchmarks.quality import ci_cell, diff_cell, pair, run_row
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,10 +54,7 @@ def main(argv: list[str] | None = None) -> str:
         print(f"rows {', '.join(rows)} done in {a.runs}; rerun with all rows to write the table", file=sys.stderr)
         return ""
     text = render(rows, a, argv, time.time() - t0)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
-    print(text)
-    return text
+    return publish(a.out, text)
 
 
 def render(rows: dict[str, dict[str, Any]], a: argparse.Namespace, argv: list[str] | None, wall_s: float) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import header
+from benchmarks.common import header, publish
 from benchmarks.quality import run_row
 from kvcomp.stats import fmt, interval
 
@@ -57,10 +57,7 @@ def main(argv: list[str] | None = None) -> str:
             f"passkey + needle, {a.samples} samples per subtask and length, depths (i+1)/(n+1); Wilson 95 % "
             f"intervals; goal: the full cache solves a subtask >= {a.goal:g} % of the time. Wall times: 1 thread, "
             "two lengths at a time, on 2 cores shared with other jobs (load 6-10).\n\n" + "\n".join(lines) + "\n")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
-    print(text)
-    return text
+    return publish(a.out, text)
 
 
 if __name__ == "__main__":

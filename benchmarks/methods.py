@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import compose, header, load, median, table, timed_prefill, wikitext_ids
+from benchmarks.common import compose, header, load, median, publish, table, timed_prefill, wikitext_ids
 from benchmarks.quality import ci_cell, diff_cell, pair, run_row, slug, verdict
 from benchmarks.rows_issue17 import ROWS as ISSUE17_ROWS
 from kvcomp.stats import half_width
@@ -184,10 +184,7 @@ def main(argv: list[str] | None = None) -> str:
             r["ttft_s"] = median(times[e])
             r["ttft_rel"] = r["ttft_s"] / median(times["full_cache"])
     text = render(rows, a, argv, time.time() - t_start, skipped)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
-    print(text)
-    return text
+    return publish(a.out, text)
 
 
 def row(name: str, exp: str, extra: list[str], task: list[str], a: argparse.Namespace) -> dict[str, Any]:

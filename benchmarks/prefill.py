@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import REPO, compose, header, load, median, rss_in_subprocess, table, wikitext_ids
+from benchmarks.common import REPO, compose, header, load, median, publish, rss_in_subprocess, table, wikitext_ids
 
 QUESTION = "\n\nQuestion: what is the text above about? Answer:"
 #: (label, experiment, extra overrides)
@@ -193,9 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         a.lengths, a.repeats, a.decode = [300, 700], 1, 2
     rows, prof = measure(a)
     text = render(a, rows, prof, ["benchmarks.prefill", *(sys.argv[1:] if argv is None else argv)])
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
-    print(text)
+    publish(a.out, text)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,17 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import compose, header, load, median, rss_in_subprocess, table, timed_prefill, wikitext_ids
+from benchmarks.common import (
+    compose,
+    header,
+    load,
+    median,
+    publish,
+    rss_in_subprocess,
+    table,
+    timed_prefill,
+    wikitext_ids,
+)
 
 EXPERIMENTS = ["full_cache", "int8", "int4", "kivi", "kvquant_stream", "livekvquant"]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,10 +118,7 @@ def main(argv: list[str] | None = None) -> str:
     text = (header("Quantized KV cache vs full cache", ["benchmarks.quant", *(argv or sys.argv[1:])])
             + f"- settings: {settings}\n\n" + table(rows, COLS) + "\n\nGoals (issue 5):\n"
             + "\n".join(goals({r["experiment"]: r for r in rows})) + "\n")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
-    print(text)
-    return text
+    return publish(a.out, text)
 
 
 if __name__ == "__main__":
