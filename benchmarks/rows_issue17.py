@@ -10,6 +10,9 @@ h2o@eq against the row in question (``compressor.question=end`` for the issue's 
 from __future__ import annotations
 
 PG = "prompt_guided"
+#: question=end at >= 4.5x (issue 17's first goal): no propagation, tiers 4/4/drop (theta_m 0.3), drops at the end
+END_DROPS = (PG, ["compressor.question=end", "propagation=none", "compressor.precision.bits=[4,4,2]",
+                  "compressor.precision.drop_low=true"])
 ROWS: dict[str, tuple[str, list[str]]] = {
     "prompt_guided, question=end": (PG, ["compressor.question=end"]),
     "prompt_guided, question=none": (PG, ["compressor.question=none"]),
@@ -26,4 +29,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "prompt_guided, propagation budget=chunk": (PG, ["propagation.budget=chunk"]),
     "prompt_guided, question=end, propagation budget=chunk": (PG, ["compressor.question=end",
                                                                     "propagation.budget=chunk"]),
+    # the question-aware end pass instead of question-blind propagation: every token reaches every layer and
+    # is held at 4 bits until the question arrives; the end pass then drops the 30 % it scores lowest per band
+    "prompt_guided, question=end, no propagation, 4-bit, end drops": END_DROPS,
+    "prompt_guided, no propagation, 4-bit, drops (oracle)": (PG, END_DROPS[1][1:]),
 }
