@@ -106,7 +106,37 @@ def check(case: str, impl: str = "reference", device: str = "cpu", b: int = 1, h
     return float((mine.float() - base.float()).abs().max())
 
 
-def compile_for_cuda(arch: int = 90, d: int = 128, g: int = 4, **const: Any) -> dict[str, Any]:
+def check_chunk(case: str, impl: str = "triton", against: tuple[str, ...] = ("tiled",), device: str = "cpu", b: int = 1,
+                hq: int = 6, hkv: int = 2, d: int = 32, t: int = 100, n: int = 9, seed: int = 0,
+                dtype: torch.dtype = torch.float32, start: int = 0, **kw: Any) -> float:
+    """Max abs error (output and log-sum-exp) of a prefill chunk of ``n`` queries ``[b, hq, n, d]`` over a layer
+    built by ``build_layer`` (``t`` tokens + 3 decode steps) plus its own K/V (causal): ``impl`` ("triton":
+    ``triton_chunk.chunk_attention_triton`` with ``kw``; "tiled": ``chunk.chunk_attention``) against
+    each of ``against`` ("tiled", "materialize": the oracle, whole history dequantized + one float32 softmax)."""
+    from kvcomp.cache.layer import materialized_attention
+    from kvcomp.kernels.chunk import chunk_attention
+    from kvcomp.kernels.triton_chunk import chunk_attention_triton
+
+    layer = build_layer(CASES[case], b=b, hkv=hkv, d=d, t=t, seed=seed, device=device, dtype=dtype, start=start)
+    g = torch.Generator(device="cpu").manual_seed(seed + 2)
+    q = torch.randn(b, hq, n, d, generator=g).to(device, dtype)
+    k, v = (torch.randn(b, hkv, n, d, generator=g).to(device, dtype) for _ in range(2))
+    scale = d**-0.5
+
+    def run(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name == "triton":
+            return chunk_attention_triton(q, layer, k, v, scale, **kw)
+        if name == "tiled":
+            return chunk_attention(q, layer.history(), k, v, scale, layer.rope)
+        pos = torch.arange(layer.seen, layer.seen + n, device=device)
+        return materialized_attention(layer, q, k, v, pos, scale)
+
+    out, lse = run(impl)
+    return max(max(float((out.float() - want.float()).abs().max()), float((lse - want_lse).abs().max()))
+               for want, want_lse in map(run, against))
+
+
+def compile_for_cuda(arch: int = 90, d: int = 128, block_r: int = 16, **const: Any) -> dict[str, Any]:
     """Compile one kernel variant to CUDA SASS without a GPU (triton's bundled ptxas); returns its sizes.
 
     ``const`` overrides the constexprs (defaults: 4-bit K per channel, V per token, both sparse, RoPE,
@@ -119,8 +149,8 @@ def compile_for_cuda(arch: int = 90, d: int = 128, g: int = 4, **const: Any) -> 
     from kvcomp.kernels.triton_decode import _decode_kernel
 
     sig = {"q_ptr": "*fp32", "rq_ptr": "*fp32", "meta_ptr": "*i64", "split_ptr": "*i32", "invf": "*fp32",
-           "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "n_split": "i32", "att": "fp32"}
-    c = {"G": g, "D": d, "BLOCK_G": 16, "BLOCK_T": 32, "BLOCK_O": 32, "SPLIT": 256, "KB": 4, "VB": 4,
+           "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "n_split": "i32", "att": "fp32", "R": "i32"}
+    c = {"D": d, "BLOCK_R": block_r, "BLOCK_T": 32, "BLOCK_O": 32, "SPLIT": 256, "KB": 4, "VB": 4,
          "K_TOK": False, "V_TOK": True, "K_SP": True, "V_SP": True, "K_ST": tl.float16, "V_ST": tl.float16,
          "K_OV": tl.float16, "V_OV": tl.float16, "ROPE": True, "LOWP": False, "DT": tl.float32, "FAST": True,
          **const}
