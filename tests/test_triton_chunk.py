@@ -21,12 +21,13 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 TOL = 1e-4  # float32
 #: (case, check_chunk kwargs, tolerance): packed 2/4/8 bit (both axes, groups), sparse outliers + an fp16 warm-up
 #: block, channel splits + 8-bit sinks, keys stored post-RoPE (kivi); GQA 3:1 with 5 and 17 queries (1 and 4 row
-#: tiles of 16), odd history lengths, batch 2 without GQA at 128k positions, fp16 (tensor-core dots)
+#: tiles of 16), odd history lengths, programs running several splits, batch 2 without GQA at 128k positions,
+#: fp16 (tensor-core dots)
 CASES = [
     ("uniform2", {"n": 17, "t": 77}, TOL),
-    ("uniform4", {"n": 5}, TOL),
+    ("uniform4", {"n": 5, "programs": 1}, TOL),  # one program per (KV head, row tile) runs the whole history
     ("uniform8", {"n": 17, "t": 53}, TOL),
-    ("livekvquant4", {"n": 17, "t": 77}, TOL),
+    ("livekvquant4", {"n": 17, "t": 77, "programs": 16}, TOL),  # each program runs about half the splits
     ("livekvquant4", {"n": 5, "b": 2, "hq": 2, "start": 131000}, TOL),
     ("kvquant_stream", {"n": 9, "t": 91}, TOL),
     ("kivi2", {"n": 5, "t": 77}, TOL),

@@ -10,8 +10,9 @@ tokens, and the forward's own post-RoPE K/V ``[B, Hkv, n, D]``, the same (out, l
   positions) go through the decode kernel (``triton_decode._decode_kernel``): history precedes the chunk, so
   every history token is visible to every query and no mask is needed. The G query heads of a KV head times the
   ``n`` queries are the ``R = G * n`` rows of that KV head (a reshape of ``q``, no copy of K/V); a program runs
-  ``block_r`` rows x ``split`` tokens of one block, so K/V codes are read once per row tile, and writes a
-  partial (max, sum, acc) merged in torch.
+  ``block_r`` rows over a run of consecutive ``split``-token pieces of the history (about ``programs`` programs
+  in all, so the partials stay bounded), reading K/V codes once per row tile, and writes a partial
+  (max, sum, acc) merged in torch.
 - The rest (blocks the kernel does not read: 3-bit, ``ChannelSplit``, fp16 warm-up/sink blocks, mixed pairs;
   the full-precision residual; the chunk's own K/V, causal) goes through ``chunk.chunk_attention`` on a
   ``History`` of just those, and the two (out, lse) pairs are merged by log-sum-exp.
@@ -38,13 +39,16 @@ def _same_blocks(history: History, layer: Any) -> bool:
 @torch.no_grad()
 def chunk_attention_triton(query: torch.Tensor, layer: Any, new_k: torch.Tensor, new_v: torch.Tensor, scale: float,
                            history: History | None = None, block_t: int = 32, split: int = 256, block_o: int = 32,
-                           block_r: int = 64, num_warps: int | None = None, exact: bool = False
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           block_r: int = 64, programs: int = 1024, num_warps: int | None = None,
+                           exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` ``[B, Hq, n, D]`` over ``layer``'s history, then ``new_k``/``new_v`` ``[B, Hkv, n, D]``
     (causal); ``Hq`` a multiple of ``Hkv``. ``history``: the layer's ``History`` this forward found (default:
     ``layer.history()``); if its blocks are no longer the layer's, everything goes through the tiled path.
     ``block_t``/``split``/``block_o``: as in ``decode_attention_triton``; ``block_r``: query rows per program
-    (>= 16). Dots are exact float32 for a float32 query (or ``exact``), tensor cores in a 16-bit query's dtype.
+    (>= 16); ``programs``: about how many programs run in all (each over consecutive splits), so the float32
+    partials (``[B * Hkv, s, G * n, D]``, ``s`` ~ ``programs`` / (``B * Hkv`` x row tiles), at least 1) stay
+    bounded whatever the history length. Dots are exact float32 for a float32 query (or ``exact``), tensor
+    cores in a 16-bit query's dtype.
     Returns (out ``[B, Hq, n, D]`` in ``query.dtype``, lse ``[B, Hq, n]`` float32), as ``chunk_attention``."""
     check_args(block_t, split, block_o)
     b, hq, n, d = query.shape
@@ -56,7 +60,8 @@ def chunk_attention_triton(query: torch.Tensor, layer: Any, new_k: torch.Tensor,
     if _same_blocks(hist, layer):
         q = (query.float() * scale).reshape(b, hkv, hq // hkv * n, d).contiguous()  # row g * n + i
         state = Softmax.empty(b, hkv, q.shape[2], d, query.device)
-        other = fused_partials(q, layer, state, dot_dtype(query, exact), block_t, split, block_o, block_r, num_warps)
+        other = fused_partials(q, layer, state, dot_dtype(query, exact), block_t, split, block_o, block_r, num_warps,
+                               programs)
     rest = History([hist.k_blocks[i] for i in other], [hist.v_blocks[i] for i in other],
                    [hist.pos_blocks[i] for i in other], hist.res_k, hist.res_v, hist.res_pos)
     out, lse = chunk_attention(query.float(), rest, new_k, new_v, scale, layer.rope)
