@@ -273,26 +273,22 @@ def chunk_attention(query: torch.Tensor, history: History, new_k: torch.Tensor, 
     plan = tiles(history, tile)
     if plan:
         cap = max(sum(t1 - t0 for *_, t0, t1 in pieces) for pieces in plan)
-        ws = torch.empty(2, b * hkv * cap * d, device=q.device)
-        longest = max(t1 - t0 for pieces in plan for *_, t0, t1 in pieces)
-        scratch = torch.empty(b * hkv * longest * d, device=q.device) if rope is not None else None
+        ws = torch.empty(2 if rope is None else 3, b * hkv * cap * d, device=q.device)
         for pieces in plan:
             m = sum(t1 - t0 for *_, t0, t1 in pieces)
-            k, v = ws[0, : b * hkv * m * d].view(b, hkv, m, d), ws[1, : b * hkv * m * d].view(b, hkv, m, d)
+            k, v, raw = (ws[i, : b * hkv * m * d].view(b, hkv, m, d) for i in (0, 1, -1))
+            dest = k if rope is None else raw  # pre-RoPE keys: dequantized here, rotated once per tile below
             o = 0
-            for kb, vb, pos, t0, t1 in pieces:
-                n = t1 - t0
-                if rope is None:
-                    with scope("kvcomp::dequantize"):
-                        dequantize_tile(kb, t0, t1, k[:, :, o : o + n])
-                else:
-                    with scope("kvcomp::dequantize"):
-                        raw = dequantize_tile(kb, t0, t1, scratch[: b * hkv * n * d].view(b, hkv, n, d))
-                    with scope("kvcomp::rope"):
-                        rotate_into(rope, raw, pos[t0:t1], k[:, :, o : o + n])
-                with scope("kvcomp::dequantize"):
+            with scope("kvcomp::dequantize"):
+                for kb, vb, _, t0, t1 in pieces:
+                    n = t1 - t0
+                    dequantize_tile(kb, t0, t1, dest[:, :, o : o + n])
                     dequantize_tile(vb, t0, t1, v[:, :, o : o + n])
-                o += n
+                    o += n
+            if rope is not None:
+                with scope("kvcomp::rope"):
+                    pos = [p[t0:t1] for _, _, p, t0, t1 in pieces]
+                    rotate_into(rope, raw, pos[0] if len(pos) == 1 else torch.cat(pos), k)
             with scope("kvcomp::attend"):
                 merge.add(*attend_pair(q, k, v, scale, causal=False))
     with scope("kvcomp::attend"):
