@@ -95,7 +95,7 @@ class Merge:
             return
         new = torch.logaddexp(self.lse, lse)
         a, b = torch.exp(self.lse - new).unsqueeze(-1), torch.exp(lse - new).unsqueeze(-1)
-        self.out = self.out * a + out * b
+        self.out = self.out.mul_(a).addcmul_(out, b)  # in place: ``out`` of a first tile is this pass's own
         self.lse = new
 
 
