@@ -48,8 +48,18 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 }
 #: issue 17's variants (question timing, normalisation, propagation): run them with --rows "<name>" ...
 EXTRA_ROWS: dict[str, tuple[str, list[str]]] = dict(ISSUE17_ROWS)
-#: equal-bytes rows: same quantizer as prompt_guided, keep ratio calibrated to prompt_guided's kv_bytes
+#: equal-bytes rows: same quantizer as prompt_guided, keep ratio calibrated to prompt_guided's kv_bytes;
+#: ``snapkv@eq:<row>`` calibrates to another quality row's kv_bytes instead (e.g. ``prompt_guided, question=end``)
 EQ_PEERS = ("snapkv@eq", "h2o@eq")
+
+
+def eq_split(name: str) -> tuple[str, str] | None:
+    """``"snapkv@eq:<row>"`` -> ``("snapkv", "<row>")`` (the row defaults to prompt_guided); None if not an
+    equal-bytes row or its target is not a quality row."""
+    head, sep, target = name.partition(":")
+    if head not in EQ_PEERS or (sep and target not in {**ROWS, **EXTRA_ROWS}):
+        return None
+    return head.split("@")[0], target or "prompt_guided"
 
 
 def score(exp: str, task: list[str], extra: list[str]) -> dict[str, Any]:
@@ -128,7 +138,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--context", type=int, default=1000)
     p.add_argument("--samples", type=int, default=30, help="per subtask for offline_suite (depths spread evenly)")
     p.add_argument("--calib-samples", type=int, default=4, help="per subtask, for the @eq keep-ratio calibration")
-    p.add_argument("--rows", nargs="+", default=None, help=f"subset of: {', '.join([*ROWS, *EQ_PEERS, *EXTRA_ROWS])}")
+    p.add_argument("--rows", nargs="+", default=None, help=f"subset of: {', '.join([*ROWS, *EQ_PEERS, *EXTRA_ROWS])}; "
+                   "snapkv@eq:<row> / h2o@eq:<row> match another row's kv_bytes")
     p.add_argument("--ttft-tokens", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-ttft", action="store_true", help="skip the TTFT columns (see --ttft-only)")
@@ -160,18 +171,20 @@ def main(argv: list[str] | None = None) -> str:
             continue
         if name in ROWS or name in EXTRA_ROWS:
             exp, extra = ROWS.get(name) or EXTRA_ROWS[name]
-        elif name in EQ_PEERS:  # same quantizer as prompt_guided, keep ratio calibrated to its kv_bytes
-            exp = name.split("@")[0]
+        elif eq_split(name):  # same quantizer as prompt_guided, keep ratio calibrated to the target's kv_bytes
+            exp, target = eq_split(name)  # type: ignore[misc]
             done = a.runs / slug(name) / "overrides.json"
             if done.exists() and not a.fresh:
                 extra = [o for o in json.loads(done.read_text()) if o.startswith(("quantizer=", "compressor."))]
             else:
                 base = [f"quantizer={q}", "compressor.chunk_size=512"]
                 calib = task(a.calib_samples, fidelity=False)
-                keep, _ = match_keep(exp, base, calib, score("prompt_guided", calib, [])["kv_bytes"])
+                t_exp, t_extra = ROWS.get(target) or EXTRA_ROWS[target]
+                keep, _ = match_keep(exp, base, calib, score(t_exp, calib, t_extra)["kv_bytes"])
                 extra = [*base, f"compressor.precision.keep_ratio={keep:.4f}"]
         else:
-            raise SystemExit(f"error: --rows {name} is not one of: {', '.join([*ROWS, *EQ_PEERS, *EXTRA_ROWS])}")
+            raise SystemExit(f"error: --rows {name} is not one of: {', '.join([*ROWS, *EQ_PEERS, *EXTRA_ROWS])} "
+                             "(or snapkv@eq:<row>, h2o@eq:<row>)")
         rows[name] = row(name, exp, extra, task(a.samples), a)
     if "full_cache" not in rows or "prompt_guided" not in rows:
         print(f"rows {', '.join(rows)} done in {a.runs}; rerun with all rows to write the table", file=sys.stderr)
@@ -239,19 +252,24 @@ def render(rows: dict[str, dict[str, Any]], a: argparse.Namespace, argv: list[st
     goals.append(f"- [{'x' if pg['bytes_ratio'] >= 4.5 and pg_rel >= 0.98 else ' '}] prompt_guided: kv_bytes "
                  f"{pg['bytes_ratio']:.2f}x smaller than fp16 (goal >= 4.5x) at {100 * pg_rel:.1f} % of the full "
                  "cache's score (goal >= 98 %); the paired difference and its interval are in the table")
-    for peer in EQ_PEERS:
-        if peer in rows:
-            r = rows[peer]
-            equal = abs(r["kv_bytes"] / pg["kv_bytes"] - 1) <= 0.05
-            ds = pair(pg["records"], r["records"], "score", scale=100.0)
-            goals.append(f"- at equal kv_bytes (prompt_guided {pg['bytes_ratio']:.2f}x vs {peer} "
-                         f"{r['bytes_ratio']:.2f}x, {'within' if equal else 'NOT within'} 5 %): prompt_guided − "
-                         f"{peer} = {diff_cell(ds)} points, {verdict(ds)} ({' '.join(r['extra'])})")
+    for peer, r in rows.items():
+        split = eq_split(peer)
+        if split is None or split[1] not in rows:
+            continue
+        t = rows[split[1]]
+        equal = abs(r["kv_bytes"] / t["kv_bytes"] - 1) <= 0.05
+        ds = pair(t["records"], r["records"], "score", scale=100.0)
+        dk = pair(t["records"], r["records"], "kl_full")
+        goals.append(f"- at equal kv_bytes ({split[1]} {t['bytes_ratio']:.2f}x vs {peer} "
+                     f"{r['bytes_ratio']:.2f}x, {'within' if equal else 'NOT within'} 5 %): {split[1]} − "
+                     f"{peer} = {diff_cell(ds)} points, {verdict(ds)}; kl_full {diff_cell(dk, '+.3g')} "
+                     f"({' '.join(r['extra'])})")
     hits = sum(r["metrics"].get("fidelity_cache_hits", 0) for r in rows.values())
     misses = sum(r["metrics"].get("fidelity_cache_misses", 0) for r in rows.values())
     walls = ", ".join(f"{k} {r['metrics'].get('wall_s', float('nan')) / 60:.1f}" for k, r in rows.items())
     per = f" per subtask ({', '.join(subs)}, depths (i+1)/(n+1))" if subs else ""
-    settings = (f"SmolLM2-135M-Instruct fp32 on CPU, sdpa, chunks of 512; task {a.task} at {a.context} tokens, "
+    model = " ".join(a.model) if a.model else "SmolLM2-135M-Instruct"
+    settings = (f"{model} fp32 on CPU, sdpa, chunks of 512; task {a.task} at {a.context} tokens, "
                 f"{a.samples} samples{per}; greedy; full cache unchunked. Fidelity on: the gold answer is "
                 "teacher-forced after the prompt, one decode step per token; kl_full = mean KL(full ‖ method) over "
                 "the answer positions. Intervals: Wilson (exact-match rates), percentile bootstrap over samples "

@@ -193,7 +193,8 @@ def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) 
 def _baseline(model: Any, tok: Any, task: Any, samples: list[Any], m: dict[str, Any],
               records: list[dict[str, Any]]) -> dict[str, Any]:
     """Full cache on the same samples: quality retention and TTFT speed-up, the paired difference of the
-    per-sample scores (with its interval), plus a side-by-side table."""
+    per-sample scores (with its interval); a small table goes to the debug log (runners.run prints the
+    full side-by-side table)."""
     full = COMPRESSORS.build({"name": "none"}, "compressor")
     base = evaluate(Engine(model, tok, full), task, samples, desc="baseline")
     b = aggregate(task, base)
@@ -213,7 +214,7 @@ def _baseline(model: Any, tok: Any, task: Any, samples: list[Any], m: dict[str, 
             ("kv_bytes", b.get("kv_bytes"), m.get("kv_bytes")),
             ("peak_rss_bytes", b.get("peak_rss_bytes"), m.get("peak_rss_bytes"))]
     table = "\n".join(f"{k:>16} | {_fmt(x):>14} | {_fmt(y):>14}" for k, x, y in rows)
-    log.info("baseline comparison\n%16s | %14s | %14s\n%s", "metric", "full cache", "this run", table)
+    log.debug("baseline comparison\n%16s | %14s | %14s\n%s", "metric", "full cache", "this run", table)
     return res
 
 

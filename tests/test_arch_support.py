@@ -53,38 +53,6 @@ def test_rope_round_trip_matches_the_model(name: str) -> None:
         torch.testing.assert_close(rope.apply(pre, pos), k, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(ZOO) if "eager" not in n and n != "gemma2"])
-def test_scoring_queries_are_the_attention_queries(name: str, monkeypatch) -> None:
-    """The query source kvcomp hooks (q_norm / q_proj / fused qkv slice), rotated by its Rope, equals the
-    query tensor the model hands its attention function."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    model = build(name)
-    layers = arch.decoder_layers(model)
-    sources = [arch.query_source(model, arch.attention(model, layer)) for layer in layers]
-    ropes = arch.ropes(model)
-    real: dict[int, torch.Tensor] = {}
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-
-    def spy(module, query, *args, **kwargs):
-        real[module.layer_idx] = query.detach().clone()
-        return sdpa(module, query, *args, **kwargs)
-
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
-    got: dict[int, torch.Tensor] = {}
-    hooks = [mod.register_forward_hook(lambda m, a, o, i=i, sel=sel: got.__setitem__(i, sel(a[0], o)))
-             for i, (mod, sel) in enumerate(sources)]
-    n = 20
-    with torch.no_grad():
-        model(input_ids=prompt(n))
-    for h in hooks:
-        h.remove()
-    for i in range(len(layers)):
-        d = real[i].shape[-1]
-        q = got[i].reshape(1, n, -1, d).transpose(1, 2)
-        torch.testing.assert_close(ropes[i].apply(q, torch.arange(n)), real[i].float(), atol=1e-5, rtol=1e-4)
-
-
 def refused(model, method: str, *needles: str, **kw) -> str:
     with pytest.raises(ValueError) as e:
         kvcomp.compress(model, method, **kw)
@@ -111,7 +79,7 @@ def test_model_without_rope() -> None:
     with quantizer.pre_rope=false runs and matches the plain model."""
     model = gpt2()
     refused(model, "int8", "GPT2LMHeadModel", "pre_rope=false")
-    refused(model, "snapkv", "GPT2LMHeadModel", "query projection")
+    refused(model, "snapkv", "GPT2LMHeadModel", "drops tokens", "RoPE")
     ids = prompt(40)
     with torch.no_grad():
         ref = model(input_ids=ids).logits[:, -1]
@@ -119,6 +87,23 @@ def test_model_without_rope() -> None:
         out = model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
     assert float((out.logits[0] - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+def test_attention_outside_the_registry_refused() -> None:
+    """A model whose attention modules do not call ALL_ATTENTION_FUNCTIONS (transformers' own source test says it
+    cannot switch implementation; e.g. remote code) would attend to each forward's new tokens only through kvcomp's
+    deferred cache: every compressing method is refused up front, and the attention switch checks itself too."""
+    from kvcomp.kernels.interface import use_packed_attention
+
+    model = build("llama")
+    model.__class__ = type("OwnAttentionLlama", (type(model),), {"_can_set_attn_implementation_cached_value": False})
+    for method in ("int8", "kvquant_stream", "snapkv", "prompt_guided"):
+        refused(model, method, "OwnAttentionLlama", "ALL_ATTENTION_FUNCTIONS", "compressor=none")
+    with pytest.raises(ValueError, match="attention-function registry"):
+        with use_packed_attention(model, run=type("Run", (), {"cache": None, "deferred": False})()):
+            pass
+    assert model.config._attn_implementation == "sdpa"
+    kvcomp.compress(model, "full_cache")  # the plain cache: nothing of kvcomp's in the way
 
 
 def test_unknown_layer_type_refused() -> None:

@@ -72,6 +72,11 @@ def use_packed_attention(model: Any, run: Any, impl: str = "tiled") -> Iterator[
         raise RuntimeError("this model is already inside a kvcomp compressed run")
     old = model.config._attn_implementation
     model.set_attn_implementation(NAME)
+    if model.config._attn_implementation != NAME:  # transformers only warns when a model cannot switch
+        from kvcomp.errors import ConfigError
+
+        raise ConfigError(f"{type(model).__name__}: its attention does not go through transformers' attention-function "
+                          "registry, which kvcomp's compressed cache is read through; use compressor=none")
     for key in keys:
         _BOUND[key] = (run.cache, impl)
     run.deferred = True

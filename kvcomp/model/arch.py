@@ -3,9 +3,8 @@
 - ``decoder_layers``: the decoder layer list (``model.layers``, ``gpt_neox.layers``, ``transformer.h``...): the
   ``ModuleList`` under the base model whose length is the config's layer count;
 - ``attention``: each layer's attention module (``self_attn``, ``attention``, ``attn``, ``self_attention``);
-- ``query_source``: the module whose output is the attention's queries before RoPE (``q_norm`` /
-  ``q_layernorm`` when the model normalises queries, else ``q_proj``, or the query slice of a fused
-  ``qkv_proj`` / ``query_key_value``);
+- ``routed``: the model's attention goes through transformers' attention-function registry
+  (``ALL_ATTENTION_FUNCTIONS``), which kvcomp's compressed runs attend through (queries for scorers included);
 - ``windows``: each layer's sliding window (``config.layer_types`` + ``sliding_window``), None = full;
 - ``ropes``: one :class:`~kvcomp.cache.rope.Rope` per layer (per layer type when the rotary module takes one),
   using the model's own ``apply_rotary_pos_emb`` (split-half, interleaved, partial: whatever the model does);
@@ -88,37 +87,6 @@ def _heads(model: Any, attn: Any) -> tuple[int, int, int]:
     return hq, hkv, int(d or cfg.hidden_size // hq)
 
 
-def _normed(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """A query norm's output as ``[B, T, H * D]``: it sees ``[B, T, H * D]`` (OLMo 2), ``[B, T, H, D]`` (Qwen 3)
-    or ``[B, H, T, D]`` (Gemma 3), a view of the contiguous projection ``[B, T, H * D]``, so the token dim is
-    the one with the larger stride."""
-    if out.dim() == 3:
-        return out
-    heads_first = inp.stride(2) > inp.stride(1) or (inp.stride(1) == inp.stride(2) and out.shape[1] == 1)
-    return (out.transpose(1, 2) if heads_first else out).flatten(2)
-
-
-def query_source(model: Any, attn: Any) -> tuple[torch.nn.Module, Any]:
-    """(module, select): a forward hook on ``module`` sees ``(inp, out)``; ``select(inp, out)`` is the pre-RoPE
-    queries ``[B, T, H_q * D]`` attention uses (after any query norm)."""
-    hq, hkv, d = _heads(model, attn)
-    for nm in Q_NORMS:
-        if isinstance(getattr(attn, nm, None), torch.nn.Module):
-            return getattr(attn, nm), _normed
-    if isinstance(getattr(attn, "q_proj", None), torch.nn.Module):
-        return attn.q_proj, lambda inp, out: out
-    fused = getattr(attn, "qkv_proj", None)
-    if isinstance(fused, torch.nn.Linear) and fused.out_features == (hq + 2 * hkv) * d:
-        return fused, lambda inp, out: out[..., : hq * d]  # [q | k | v] (Phi-3)
-    fused = getattr(attn, "query_key_value", None)
-    if isinstance(fused, torch.nn.Linear) and fused.out_features == 3 * hq * d and hq == hkv:
-        # per head [q k v] (GPT-NeoX)
-        return fused, lambda inp, out: out.unflatten(-1, (hq, 3 * d))[..., :d].flatten(2)
-    raise ConfigError(f"{_name(model)}: cannot find the query projection of {type(attn).__name__} (no q_norm, "
-                      "q_proj, qkv_proj [q|k|v] or query_key_value [H, 3, D]); scorers need the queries: use a "
-                      "method without a scorer (int8, kvquant_stream, livekvquant)")
-
-
 def layer_types(model: Any) -> list[str]:
     """Per-layer attention type: ``config.layer_types``, else sliding everywhere when ``sliding_window`` is set."""
     cfg = text_config(model)
@@ -199,11 +167,25 @@ def seq_limit(model: Any, rotary: Any, layer_type: str | None) -> int | None:
     return int(lim or getattr(rotary, "original_max_seq_len", None) or cfg.max_position_embeddings)
 
 
+def routed(model: Any) -> None:
+    """ConfigError unless ``model`` can switch its attention implementation (its attention modules call
+    ``ALL_ATTENTION_FUNCTIONS``): kvcomp's compressed run attends through ``kvcomp_packed`` there, and a model that
+    keeps its own attention would read only each forward's new tokens. transformers' own test
+    (``_can_set_attn_implementation``, a source heuristic) when it has one; ``use_packed_attention`` checks the
+    switch took effect anyway."""
+    can = getattr(type(model), "_can_set_attn_implementation", None)
+    if callable(can) and not can():
+        raise ConfigError(f"{_name(model)}: its attention does not go through transformers' attention-function "
+                          "registry (ALL_ATTENTION_FUNCTIONS), which kvcomp's compressed cache is read through; "
+                          "use compressor=none (full_cache) with this model")
+
+
 def check(model: Any, needs: Needs) -> None:
     """Raise ConfigError (one line: model class, feature, what to change) if ``model`` cannot give ``needs``."""
     cls = _name(model)
     if needs.cache:
         windows(model)  # every layer an attention layer kvcomp's cache can stand in for
+        routed(model)
     if not (needs.pre_rope or needs.queries or needs.masks or needs.slicing):
         return
     rp = ropes(model)
@@ -212,11 +194,8 @@ def check(model: Any, needs: Needs) -> None:
                           "with an apply_rotary_pos_emb it can invert; set quantizer.pre_rope=false")
     if not (needs.queries or needs.masks or needs.slicing):
         return
-    layers = decoder_layers(model)
-    attns = [attention(model, layer) for layer in layers]
-    if needs.queries:
-        for a in attns:
-            query_source(model, a)
+    for layer in decoder_layers(model):
+        attention(model, layer)  # scorers read each layer's queries in its attention call (module.layer_idx)
     if needs.masks or needs.slicing:
         impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
         if impl not in MASK_IMPLS:
