@@ -46,33 +46,3 @@ def test_running_scores_merge_equals_a_sort() -> None:
         if ref.numel() > 100:
             ref = ref[ref.numel() % 2 :: 2]
         assert torch.equal(r.sorted[0], ref)
-
-
-@pytest.mark.parametrize("case", ["uniform2", "uniform4", "kivi2", "livekvquant4"])
-def test_coalesced_blocks_dequantize_as_the_blocks_do(case: str) -> None:
-    """Consecutive per-token blocks joined into one (decode flushes, chunks) give the same tile, and the whole
-    tiled attention (one tile over every block) still equals the materialize oracle."""
-    from kvcomp.cache.layer import materialized_attention
-    from kvcomp.kernels.chunk import chunk_attention, dequantize_tile
-    from kvcomp.kernels.coalesce import coalesce
-    from kvcomp.kernels.selfcheck import CASES, build_layer
-
-    layer = build_layer(CASES[case], hkv=2, d=32, t=100, chunk=32, decode=40, start=7)
-    pieces = [(blk, 0, blk.shape[2]) for blk in layer.v_blocks]
-    joined = coalesce(pieces)
-    # uniform4 stores values per channel, livekvquant as Sparse: nothing to join there (the oracle check still runs)
-    assert len(joined) < len(pieces) or case in ("uniform4", "livekvquant4")
-    t = sum(b.shape[2] for b in layer.v_blocks)
-    want, got = torch.empty(1, 2, t, 32), torch.empty(1, 2, t, 32)
-    for parts, out in ((pieces, want), (joined, got)):
-        o = 0
-        for blk, t0, t1 in parts:
-            dequantize_tile(blk, t0, t1, out[:, :, o : o + t1 - t0])
-            o += t1 - t0
-    assert torch.equal(want, got)
-    g = torch.Generator().manual_seed(2)
-    q, k, v = torch.randn(1, 6, 1, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g), torch.randn(1, 2, 1, 32)
-    pos = torch.arange(layer.seen, layer.seen + 1)
-    ref, _ = materialized_attention(layer, q, k, v, pos, 32**-0.5)
-    out, _ = chunk_attention(q, layer.history(), k, v, 32**-0.5, layer.rope)
-    assert float((out - ref).abs().max()) < 1e-4

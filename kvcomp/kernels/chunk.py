@@ -29,7 +29,6 @@ from torch.profiler import record_function
 from kvcomp.cache.quant import ChannelSplit, Packed, Sparse, column_runs
 from kvcomp.cache.rope import Rope
 from kvcomp.cache.storage import Dense, Stored
-from kvcomp.kernels.coalesce import coalesce
 from kvcomp.kernels.tiles import dequantize_tokens, outliers_in
 
 #: CPU tiles through ATen's fused flash kernel (its exp is a fast approximation, ~1e-6 relative); False = exact
@@ -279,12 +278,13 @@ def chunk_attention(query: torch.Tensor, history: History, new_k: torch.Tensor, 
             m = sum(t1 - t0 for *_, t0, t1 in pieces)
             k, v, raw = (ws[i, : b * hkv * m * d].view(b, hkv, m, d) for i in (0, 1, -1))
             dest = k if rope is None else raw  # pre-RoPE keys: dequantized here, rotated once per tile below
+            o = 0
             with scope("kvcomp::dequantize"):
-                for i, out in ((0, dest), (1, v)):  # per-token blocks of one layout: one call (coalesce.py)
-                    o = 0
-                    for blk, t0, t1 in coalesce([(piece[i], piece[3], piece[4]) for piece in pieces]):
-                        dequantize_tile(blk, t0, t1, out[:, :, o : o + t1 - t0])
-                        o += t1 - t0
+                for kb, vb, _, t0, t1 in pieces:
+                    n = t1 - t0
+                    dequantize_tile(kb, t0, t1, dest[:, :, o : o + n])
+                    dequantize_tile(vb, t0, t1, v[:, :, o : o + n])
+                    o += n
             if rope is not None:
                 with scope("kvcomp::rope"):
                     pos = [p[t0:t1] for _, _, p, t0, t1 in pieces]
