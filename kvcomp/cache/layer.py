@@ -120,6 +120,10 @@ class CompressedLayer(CacheLayerMixin):
             from kvcomp.kernels import triton_decode
 
             out, lse = triton_decode.decode_attention_triton(query, self, key_states, value_states, scale=scale), None
+        elif q_len > 1 and _triton_chunk(query):  # a prefill chunk on CUDA: the kernel over the packed history
+            from kvcomp.kernels.triton_chunk import chunk_attention_triton
+
+            out, lse = chunk_attention_triton(query, self, key_states, value_states, scale, hist)
         else:
             out, lse = chunk_attention(query, hist, key_states, value_states, scale, self.rope)
         self._store(key_states, value_states, positions, (query, lse, scale))
@@ -349,3 +353,9 @@ def _triton_decode(query: torch.Tensor) -> bool:
     from kvcomp.kernels.dispatch import use_triton_decode  # the kernels package imports this module
 
     return use_triton_decode(query)
+
+
+def _triton_chunk(query: torch.Tensor) -> bool:
+    from kvcomp.kernels.dispatch import use_triton_chunk
+
+    return use_triton_chunk(query)

@@ -9,9 +9,10 @@
   (or ``TRITON_INTERPRET=1`` on CPU);
 - ``"auto"`` (default): ``"triton"`` for CUDA tensors when triton is installed, else ``"reference"``.
 
-In a compressed run the model's attention is ``interface.py``'s ``kvcomp_packed`` function: prefill chunks
-(and decode on CPU) read the packed blocks tile by tile (``chunk.py``); decode steps on CUDA use the Triton
-kernel once it passed its first-use self-check (``dispatch.py``).
+In a compressed run the model's attention is ``interface.py``'s ``kvcomp_packed`` function: on CPU prefill
+chunks and decode steps read the packed blocks tile by tile (``chunk.py``); on CUDA decode steps use the Triton
+kernel and prefill chunks the same kernel over their history (``triton_chunk.py``), each once it passed its
+first-use self-check (``dispatch.py``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Numerical self-check of the decode paths on real cache layers filled through the real quantizers.
 
-``python -m kvcomp.kernels.selfcheck [--impl reference|triton] [--device cpu|cuda] [--cases a,b]``
+``python -m kvcomp.kernels.selfcheck [--impl reference|triton] [--device cpu|cuda] [--cases a,b] [--chunk N]``
 prints one JSON object ``{case: max_abs_error}``: ``reference`` is compared with the standard path
-(``layer.materialize`` + SDPA with repeated KV heads), ``triton`` with the reference. On CPU the Triton
+(``layer.materialize`` + SDPA with repeated KV heads), ``triton`` with the reference. ``--chunk N``: a prefill
+chunk of ``N`` queries instead of a decode step (``check_chunk``: the Triton chunk path against the tiled path
+and the materialize oracle, or with ``--impl reference`` the tiled path against the oracle). On CPU the Triton
 kernel runs only under ``TRITON_INTERPRET=1`` (set it before anything imports triton).
 ``--compile 90`` only compiles the kernel to sm_90 SASS (no GPU needed): compiled-Triton type errors.
 """
@@ -106,7 +108,37 @@ def check(case: str, impl: str = "reference", device: str = "cpu", b: int = 1, h
     return float((mine.float() - base.float()).abs().max())
 
 
-def compile_for_cuda(arch: int = 90, d: int = 128, g: int = 4, **const: Any) -> dict[str, Any]:
+def check_chunk(case: str, impl: str = "triton", against: tuple[str, ...] = ("tiled",), device: str = "cpu", b: int = 1,
+                hq: int = 6, hkv: int = 2, d: int = 32, t: int = 100, n: int = 9, seed: int = 0,
+                dtype: torch.dtype = torch.float32, start: int = 0, **kw: Any) -> float:
+    """Max abs error (output and log-sum-exp) of a prefill chunk of ``n`` queries ``[b, hq, n, d]`` over a layer
+    built by ``build_layer`` (``t`` tokens + 3 decode steps) plus its own K/V (causal): ``impl`` ("triton":
+    ``triton_chunk.chunk_attention_triton`` with ``kw``; "tiled": ``chunk.chunk_attention``) against
+    each of ``against`` ("tiled", "materialize": the oracle, whole history dequantized + one float32 softmax)."""
+    from kvcomp.cache.layer import materialized_attention
+    from kvcomp.kernels.chunk import chunk_attention
+    from kvcomp.kernels.triton_chunk import chunk_attention_triton
+
+    layer = build_layer(CASES[case], b=b, hkv=hkv, d=d, t=t, seed=seed, device=device, dtype=dtype, start=start)
+    g = torch.Generator(device="cpu").manual_seed(seed + 2)
+    q = torch.randn(b, hq, n, d, generator=g).to(device, dtype)
+    k, v = (torch.randn(b, hkv, n, d, generator=g).to(device, dtype) for _ in range(2))
+    scale = d**-0.5
+
+    def run(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name == "triton":
+            return chunk_attention_triton(q, layer, k, v, scale, **kw)
+        if name == "tiled":
+            return chunk_attention(q, layer.history(), k, v, scale, layer.rope)
+        pos = torch.arange(layer.seen, layer.seen + n, device=device)
+        return materialized_attention(layer, q, k, v, pos, scale)
+
+    out, lse = run(impl)
+    return max(max(float((out.float() - want.float()).abs().max()), float((lse - want_lse).abs().max()))
+               for want, want_lse in map(run, against))
+
+
+def compile_for_cuda(arch: int = 90, d: int = 128, block_r: int = 16, **const: Any) -> dict[str, Any]:
     """Compile one kernel variant to CUDA SASS without a GPU (triton's bundled ptxas); returns its sizes.
 
     ``const`` overrides the constexprs (defaults: 4-bit K per channel, V per token, both sparse, RoPE,
@@ -119,8 +151,9 @@ def compile_for_cuda(arch: int = 90, d: int = 128, g: int = 4, **const: Any) -> 
     from kvcomp.kernels.triton_decode import _decode_kernel
 
     sig = {"q_ptr": "*fp32", "rq_ptr": "*fp32", "meta_ptr": "*i64", "split_ptr": "*i32", "invf": "*fp32",
-           "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "n_split": "i32", "att": "fp32"}
-    c = {"G": g, "D": d, "BLOCK_G": 16, "BLOCK_T": 32, "BLOCK_O": 32, "SPLIT": 256, "KB": 4, "VB": 4,
+           "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "n_split": "i32", "att": "fp32", "R": "i32",
+           "per": "i32", "n_entries": "i32"}
+    c = {"D": d, "BLOCK_R": block_r, "BLOCK_T": 32, "BLOCK_O": 32, "SPLIT": 256, "KB": 4, "VB": 4,
          "K_TOK": False, "V_TOK": True, "K_SP": True, "V_SP": True, "K_ST": tl.float16, "V_ST": tl.float16,
          "K_OV": tl.float16, "V_OV": tl.float16, "ROPE": True, "LOWP": False, "DT": tl.float32, "FAST": True,
          **const}
@@ -140,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--start", type=int, default=0, help="absolute position of the first token")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--kernel", default="", help="kernel sizes for --impl triton, e.g. block_t=16,split=32")
+    ap.add_argument("--chunk", type=int, default=0, help="queries of a prefill chunk (0: a decode step)")
     ap.add_argument("--compile", type=int, default=0, help="only compile the kernel for this sm (e.g. 90), no GPU")
     args = ap.parse_args(argv)
     if args.compile:
@@ -147,8 +181,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     kw = {k: int(v) for k, v in (x.split("=") for x in args.kernel.split(",") if x)}
     dt = getattr(torch, args.dtype)
-    out = {c: check(c, args.impl, args.device, b=args.batch, hq=args.hq, dtype=dt, start=args.start, **kw)
-           for c in args.cases.split(",")}
+    if args.chunk:
+        impl, against = ("triton", ("tiled", "materialize")) if args.impl == "triton" else ("tiled", ("materialize",))
+        out = {c: check_chunk(c, impl, against, args.device, b=args.batch, hq=args.hq, n=args.chunk, dtype=dt,
+                              start=args.start, **kw) for c in args.cases.split(",")}
+    else:
+        out = {c: check(c, args.impl, args.device, b=args.batch, hq=args.hq, dtype=dt, start=args.start, **kw)
+               for c in args.cases.split(",")}
     print(json.dumps(out))
 
 
