@@ -10,7 +10,8 @@ WikiText-2 tokens + a question (the same ids in every row; only prompt_guided us
 Columns, per length: prefill seconds (median of ``--repeats`` interleaved runs, order reversed every other
 round), ratio to the full cache of the same run, decode ms/token right after that prefill (median of
 ``--decode`` greedy steps, then of the repeats), peak RSS above the loaded weights during one prefill (a
-fresh process per row, ``benchmarks.common rss``, no question there), and for the longest length a
+fresh process per row, ``benchmarks.common rss``, no question there; the longest length only unless
+``--rss-all``), and for the longest length a
 torch.profiler breakdown of one prefill: linear layers, attention, dequantize, quantize/pack, RoPE (kvcomp
 re-applying / inverting it; the model's own RoPE is in "other"), scoring, other.
 """
@@ -109,15 +110,16 @@ def measure(a: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict
                     dec[label].append(ms)
                 print(f"  {n:>6} {label:>48}: prefill {dt:7.2f} s, decode {ms or 0:7.1f} ms/token", file=sys.stderr)
         full, full_dec = median(times["full cache"]), median(dec["full cache"])
+        rss_here = a.rss and (a.rss_all or n == max(a.lengths))
         for label, exp, extra in ROWS:
             r = {"tokens": n, "row": label, "prefill_s": median(times[label]), "runs": times[label],
                  "decode_ms": median(dec[label]) if dec[label] else None}
             r["ratio"] = r["prefill_s"] / full
             r["decode_ratio"] = r["decode_ms"] / full_dec if r["decode_ms"] and full_dec else None
-            if a.rss:
+            if rss_here:
                 r["rss"] = rss_in_subprocess(exp, n, extra)["peak_above_weights"]
             rows.append(r)
-        if a.rss:
+        if rss_here:
             base = next(r["rss"] for r in rows if r["tokens"] == n and r["row"] == "full cache")
             for r in rows:
                 if r["tokens"] == n:
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode", type=int, default=8, help="decode steps timed after each prefill")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-rss", dest="rss", action="store_false")
+    p.add_argument("--rss-all", action="store_true", help="peak RSS at every length (default: the longest only, "
+                   "where the goal is; a fresh process per row and length)")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--smoke", action="store_true", help="lengths 300 and 700, 1 repeat, 2 decode steps")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "prefill.md")

@@ -86,9 +86,12 @@ class Session:
         self.prompt_len = t
         guide = self.guide_ids
         last = None
+        none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
         for start in range(0, t, step):
             chunk = input_ids[:, start : start + step]
-            keep = 0 if on_logits is not None else 1  # 0 = all positions
+            # 0 = every position (a task scores them); else the last position of the last chunk only: earlier chunks'
+            # logits are never read, so they skip the vocabulary projection, as an unchunked prefill does
+            keep: int | torch.Tensor = 0 if on_logits is not None else (1 if start + step >= t else none)
             if guide is not None and start + step < t:  # Finch-style: the question guides every chunk
                 chunk = torch.cat([chunk, guide.to(chunk.device)], dim=1)
                 self.guide_appended = guide.shape[1]
@@ -101,7 +104,8 @@ class Session:
                     raise ConfigError("this task scores every position, but propagation dropped hidden states; "
                                       "use propagation=none with it")
                 on_logits(out.logits, start)
-            last = out.logits[:, -1, :]
+            if out.logits.shape[1]:
+                last = out.logits[:, -1, :]
             del out
             if step < t:
                 release_memory(input_ids.device)

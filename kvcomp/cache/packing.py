@@ -46,6 +46,24 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return ((word[:, None] >> byte_shift) & 0xFF).to(torch.uint8).reshape(-1)
 
 
+def pack_float(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``pack`` of float ``codes`` holding whole numbers in [0, 2**bits) (a quantizer's rounded values): the codes of
+    a byte are summed with their place values in float (exact below 2**24) and converted once, instead of
+    converting every code to uint8 and shifting bytes (both slow on CPU). Same bytes as ``pack``."""
+    g, nb = _layout(bits)
+    if nb != 1 or bits == 8:
+        return pack(codes.to(torch.uint8), bits)
+    flat = codes.reshape(-1)
+    pad = (-flat.numel()) % g
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    words = flat.view(-1, g)
+    acc = torch.add(words[:, 0], words[:, 1], alpha=1 << bits)
+    for i in range(2, g):
+        acc.add_(words[:, i], alpha=1 << (i * bits))
+    return acc.to(torch.int16).to(torch.uint8)
+
+
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of ``pack``: the first ``n`` codes as a flat uint8 tensor."""
     g, nb = _layout(bits)

@@ -13,11 +13,12 @@ statistic is outside fp16's range, so huge inputs never turn into Inf/NaN.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import torch
 
-from kvcomp.cache.packing import pack, unpack
+from kvcomp.cache.packing import pack_float, unpack
 from kvcomp.cache.storage import Stored
 
 FP16_MAX = 60000.0
@@ -101,7 +102,7 @@ def quantize(x: torch.Tensor, bits: int, axis: str = "token", group: int = 0,
     scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
     s = scale.float()
     q = ((xg - zero.float()) / torch.where(s > 0, s, torch.ones_like(s))).round_().clamp_(0, levels)
-    codes = pack(_ungrouped(q, axis, shape).to(torch.uint8), bits)
+    codes = pack_float(_ungrouped(q, axis, shape), bits)
     return Packed(codes, scale, zero, bits, shape, axis, g)  # type: ignore[arg-type]
 
 
@@ -177,11 +178,28 @@ class ChannelSplit:
 
 
 def columns(x: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``x`` [B, H, T, D] into ([B, 1, T, n_rest], [B, 1, T, n_cols]) by flat column ``h * D + d``."""
+    """Split ``x`` [B, H, T, D] into ([B, 1, T, n_rest], [B, 1, T, n_cols]) by flat column ``h * D + d``
+    (``cols`` sorted ascending), copied run by run (``column_runs``): no gather along the last dim."""
     b, h, t, d = x.shape
-    flat = x.transpose(1, 2).reshape(b, t, h * d)
-    cols = cols.long()
-    return flat.index_select(-1, rest_columns(h * d, cols)).unsqueeze(1), flat.index_select(-1, cols).unsqueeze(1)
+    parts = [x.new_empty(b, 1, t, h * d - cols.numel()), x.new_empty(b, 1, t, cols.numel())]
+    for part, hh, d0, d1, s0 in column_runs(h, d, cols):
+        parts[part][:, 0, :, s0 : s0 + d1 - d0].copy_(x[:, hh, :, d0:d1])
+    return parts[0], parts[1]
+
+
+def column_runs(h: int, d: int, cols: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
+    """How a ``ChannelSplit`` lays out flat columns ``h * D + d`` (``cols`` sorted ascending: the ``special`` part,
+    the rest in order: ``normal``): (part 0 normal / 1 special, head, first channel, end channel, first column
+    in the part) for each run of columns adjacent in one head and one part."""
+    cl = cols.tolist()
+    special = {col: j for j, col in enumerate(cl)}
+    bounds = sorted({*range(0, h * d + 1, d), *cl, *(x + 1 for x in cl)})
+    runs = []
+    for a, e in zip(bounds, bounds[1:], strict=False):
+        hh, d0 = divmod(a, d)
+        src = special[a] if a in special else a - bisect_left(cl, a)
+        runs.append((int(a in special), hh, d0, d0 + e - a, src))
+    return runs
 
 
 def rest_columns(n: int, cols: torch.Tensor) -> torch.Tensor:

@@ -129,10 +129,16 @@ class Rope:
         return self.rotate(x, cos, sin)
 
     def invert(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Undo RoPE on post-RoPE ``x`` [B, H, T, D]; result in fp32."""
+        """Undo RoPE on post-RoPE ``x`` [B, H, T, D]; result in fp32. The last result is memoised for the same
+        tensor object and positions (a scorer and the layer's store both un-rotate a forward's new keys)."""
+        last = self.__dict__.get("_last_invert")
+        if last is not None and last[0] is x and last[1].shape == positions.shape and torch.equal(last[1], positions):
+            return last[2]
         cos, sin = self.cos_sin(positions)
         norm = cos * cos + sin * sin
-        return self.rotate(x, cos / norm, -sin / norm)
+        out = self.rotate(x, cos / norm, -sin / norm)
+        self.__dict__["_last_invert"] = (x, positions, out)
+        return out
 
     def self_check(self, model_name: str = "model", dim: int | None = None) -> None:
         """ConfigError unless ``invert(apply(x)) == x`` and ``apply`` changes ``x`` (a rotation kvcomp can undo)."""

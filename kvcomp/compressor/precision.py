@@ -51,7 +51,17 @@ class RunningScores:
 
     def add(self, band: int, s: torch.Tensor) -> None:
         prev = self.sorted.get(band)
-        ref = torch.sort(s.float() if prev is None else torch.cat([prev, s.float().to(prev.device)])).values
+        new = torch.sort(s.float()).values
+        if prev is None:
+            ref = new
+        else:  # merge two sorted runs (the same tensor a sort of both gives, without re-sorting the history)
+            new = new.to(prev.device)
+            at = torch.searchsorted(prev, new, right=True) + torch.arange(new.numel(), device=prev.device)
+            ref = torch.empty(prev.numel() + new.numel(), device=prev.device)
+            keep = torch.ones(ref.numel(), dtype=torch.bool, device=prev.device)
+            keep[at] = False
+            ref[at] = new
+            ref[keep] = prev
         if ref.numel() > self.cap:
             ref = ref[ref.numel() % 2 :: 2]
         self.sorted[band] = ref.contiguous()

@@ -18,6 +18,7 @@ scopes ``kvcomp::dequantize`` / ``kvcomp::rope`` / ``kvcomp::attend`` name where
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
-from kvcomp.cache.quant import ChannelSplit, Packed, Sparse
+from kvcomp.cache.quant import ChannelSplit, Packed, Sparse, column_runs
 from kvcomp.cache.rope import Rope
 from kvcomp.cache.storage import Dense, Stored
 from kvcomp.kernels.tiles import dequantize_tokens, outliers_in
@@ -94,7 +95,7 @@ class Merge:
             return
         new = torch.logaddexp(self.lse, lse)
         a, b = torch.exp(self.lse - new).unsqueeze(-1), torch.exp(lse - new).unsqueeze(-1)
-        self.out = self.out * a + out * b
+        self.out = self.out.mul_(a).addcmul_(out, b)  # in place: ``out`` of a first tile is this pass's own
         self.lse = new
 
 
@@ -149,14 +150,25 @@ def _shifts(bits: int, device: torch.device) -> torch.Tensor:
 
 
 def _unpack_bytes(c: torch.Tensor, bits: int) -> torch.Tensor:
-    """Packed bytes ``[..., m]`` (``m`` whole words) -> codes ``[..., m * codes_per_byte]`` (uint8 or int32)."""
+    """Packed bytes ``[..., m]`` (``m`` whole words) -> codes ``[..., m * codes_per_byte]`` (uint8 or int32).
+
+    2/4 bit: each byte is widened to 16/32 bits and its codes moved into separate bytes with a few vectorised
+    integer ops on the wide words (a broadcast shift over uint8 is ~4x slower on CPU); the wide words viewed as
+    bytes are the codes in order on a little-endian host."""
     if bits == 8:
         return c
     if bits == 3:
         w = c.unflatten(-1, (-1, 3)).int()
         word = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16)
         return ((word.unsqueeze(-1) >> _shifts(3, c.device)) & 7).flatten(-2)
-    return ((c.unsqueeze(-1) >> _shifts(bits, c.device)) & ((1 << bits) - 1)).flatten(-2)
+    if sys.byteorder != "little":
+        return ((c.unsqueeze(-1) >> _shifts(bits, c.device)) & ((1 << bits) - 1)).flatten(-2)
+    mask = (1 << bits) - 1
+    x = c.to(torch.int16 if bits == 4 else torch.int32).contiguous()
+    y = torch.bitwise_and(x, mask)
+    for i in range(1, 8 // bits):  # code i (bits i*bits ...) moves to byte i (bits 8*i ...)
+        y.bitwise_or_(torch.bitwise_and(x, mask << (i * bits)).bitwise_left_shift_(i * (8 - bits)))
+    return y.view(torch.uint8)
 
 
 def _codes(p: Packed, t0: int, t1: int) -> torch.Tensor:
@@ -182,9 +194,7 @@ def _packed_tile(p: Packed, t0: int, t1: int, out: torch.Tensor) -> None:
         g = d // ng
         scale = p.scale.view(b, h, t, ng, 1)[:, :, t0:t1].float()
         zero = p.zero.view(b, h, t, ng, 1)[:, :, t0:t1].float()
-        ov = out.unflatten(-1, (ng, g))
-        torch.mul(code.view(b, h, n, ng, g), scale, out=ov)
-        ov.add_(zero)
+        torch.addcmul(zero, code.view(b, h, n, ng, g), scale, out=out.unflatten(-1, (ng, g)))
         return
     g0 = t0 // p.group
     if (t1 - 1) // p.group == g0:  # one group (e.g. a whole block per channel): broadcast, no gather
@@ -194,32 +204,27 @@ def _packed_tile(p: Packed, t0: int, t1: int, out: torch.Tensor) -> None:
         gi = torch.arange(t0, t1, device=p.codes.device) // p.group
         scale = p.scale.view(b, h, d, ng).index_select(-1, gi).float().transpose(-1, -2)  # [B, H, n, D]
         zero = p.zero.view(b, h, d, ng).index_select(-1, gi).float().transpose(-1, -2)
-    torch.mul(code, scale, out=out)
-    out.add_(zero)
+    torch.addcmul(zero, code, scale, out=out)
 
 
 def _channel_split_tile(c: ChannelSplit, t0: int, t1: int, out: torch.Tensor) -> None:
-    b, h, _, d = c.shape
+    """Both parts dequantized into contiguous buffers, then copied into ``out`` by column runs (``_runs``): a few
+    slice copies instead of a gather or scatter along the last dim (slow on CPU)."""
+    b = c.shape[0]
     n = t1 - t0
-    cols = c.cols.long()
-    rest = _rest(c, h * d)
-    flat = torch.empty(b, n, h * d, device=out.device)
-    normal = dequantize_tile(c.normal, t0, t1, torch.empty(b, 1, n, rest.numel(), device=out.device))
-    special = dequantize_tile(c.special, t0, t1, torch.empty(b, 1, n, cols.numel(), device=out.device))
-    flat.index_copy_(-1, rest, normal.view(b, n, -1))
-    flat.index_copy_(-1, cols, special.view(b, n, -1))
-    out.copy_(flat.view(b, n, h, d).transpose(1, 2))
+    parts = [dequantize_tile(p, t0, t1, torch.empty(b, 1, n, p.shape[-1], device=out.device))
+             for p in (c.normal, c.special)]
+    for part, h, d0, d1, s0 in _runs(c):
+        out[:, h, :, d0:d1].copy_(parts[part][:, 0, :, s0 : s0 + d1 - d0])
 
 
-def _rest(c: ChannelSplit, n: int) -> torch.Tensor:
-    """Columns of the ``normal`` part, computed once per block."""
-    rest = getattr(c, "_rest_cols", None)
-    if rest is None:
-        keep = torch.ones(n, dtype=torch.bool, device=c.cols.device)
-        keep[c.cols.long()] = False
-        rest = keep.nonzero().squeeze(1)
-        object.__setattr__(c, "_rest_cols", rest)
-    return rest
+def _runs(c: ChannelSplit) -> list[tuple[int, int, int, int, int]]:
+    """``column_runs`` of a block, computed once per block."""
+    runs = getattr(c, "_runs", None)
+    if runs is None:
+        runs = column_runs(c.shape[1], c.shape[3], c.cols)
+        object.__setattr__(c, "_runs", runs)
+    return runs
 
 
 def rotate_into(rope: Rope, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -230,12 +235,11 @@ def rotate_into(rope: Rope, x: torch.Tensor, positions: torch.Tensor, out: torch
     d = x.shape[-1]
     if not rope.split_half(d):
         return out.copy_(rope.rotate(x, cos, sin))
-    half = d // 2
-    torch.mul(x, cos, out=out)
-    rot = torch.empty_like(x)
-    torch.mul(x[..., half:], sin[:, :half], out=rot[..., :half]).neg_()
-    torch.mul(x[..., :half], sin[:, half:], out=rot[..., half:])
-    return out.add_(rot)
+    h = d // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    torch.mul(x1, cos[:, :h], out=out[..., :h]).addcmul_(x2, sin[:, :h], value=-1)
+    torch.mul(x2, cos[:, h:], out=out[..., h:]).addcmul_(x1, sin[:, h:])
+    return out
 
 
 def tiles(history: History, cap: int) -> list[list[tuple[Stored, Stored, torch.Tensor, int, int]]]:
@@ -269,26 +273,22 @@ def chunk_attention(query: torch.Tensor, history: History, new_k: torch.Tensor, 
     plan = tiles(history, tile)
     if plan:
         cap = max(sum(t1 - t0 for *_, t0, t1 in pieces) for pieces in plan)
-        ws = torch.empty(2, b * hkv * cap * d, device=q.device)
-        longest = max(t1 - t0 for pieces in plan for *_, t0, t1 in pieces)
-        scratch = torch.empty(b * hkv * longest * d, device=q.device) if rope is not None else None
+        ws = torch.empty(2 if rope is None else 3, b * hkv * cap * d, device=q.device)
         for pieces in plan:
             m = sum(t1 - t0 for *_, t0, t1 in pieces)
-            k, v = ws[0, : b * hkv * m * d].view(b, hkv, m, d), ws[1, : b * hkv * m * d].view(b, hkv, m, d)
+            k, v, raw = (ws[i, : b * hkv * m * d].view(b, hkv, m, d) for i in (0, 1, -1))
+            dest = k if rope is None else raw  # pre-RoPE keys: dequantized here, rotated once per tile below
             o = 0
-            for kb, vb, pos, t0, t1 in pieces:
-                n = t1 - t0
-                if rope is None:
-                    with scope("kvcomp::dequantize"):
-                        dequantize_tile(kb, t0, t1, k[:, :, o : o + n])
-                else:
-                    with scope("kvcomp::dequantize"):
-                        raw = dequantize_tile(kb, t0, t1, scratch[: b * hkv * n * d].view(b, hkv, n, d))
-                    with scope("kvcomp::rope"):
-                        rotate_into(rope, raw, pos[t0:t1], k[:, :, o : o + n])
-                with scope("kvcomp::dequantize"):
+            with scope("kvcomp::dequantize"):
+                for kb, vb, _, t0, t1 in pieces:
+                    n = t1 - t0
+                    dequantize_tile(kb, t0, t1, dest[:, :, o : o + n])
                     dequantize_tile(vb, t0, t1, v[:, :, o : o + n])
-                o += n
+                    o += n
+            if rope is not None:
+                with scope("kvcomp::rope"):
+                    pos = [p[t0:t1] for _, _, p, t0, t1 in pieces]
+                    rotate_into(rope, raw, pos[0] if len(pos) == 1 else torch.cat(pos), k)
             with scope("kvcomp::attend"):
                 merge.add(*attend_pair(q, k, v, scale, causal=False))
     with scope("kvcomp::attend"):
