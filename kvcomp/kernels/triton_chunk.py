@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kvcomp.kernels.chunk import History, chunk_attention
+from kvcomp.kernels.chunk import History, Merge, chunk_attention
 from kvcomp.kernels.reference import Softmax
 from kvcomp.kernels.triton_decode import check_args, dot_dtype, fused_partials
 
@@ -66,9 +66,9 @@ def chunk_attention_triton(query: torch.Tensor, layer: Any, new_k: torch.Tensor,
                    [hist.pos_blocks[i] for i in other], hist.res_k, hist.res_v, hist.res_pos)
     out, lse = chunk_attention(query.float(), rest, new_k, new_v, scale, layer.rope)
     if state is not None and len(other) < len(hist.k_blocks):
-        k_lse = (state.m + torch.log(state.l)).reshape(b, hq, n)
-        k_out = (state.acc / state.l[..., None]).reshape(b, hq, n, d)
-        new = torch.logaddexp(lse, k_lse)
-        out = out.float() * torch.exp(lse - new)[..., None] + k_out * torch.exp(k_lse - new)[..., None]
-        lse = new
+        merged = Merge()
+        merged.add(out.float(), lse)
+        merged.add((state.acc / state.l[..., None]).reshape(b, hq, n, d),
+                   (state.m + torch.log(state.l)).reshape(b, hq, n))
+        out, lse = merged.out, merged.lse
     return out.to(query.dtype), lse
