@@ -17,6 +17,7 @@ allowed. Bounds and choices of a list field apply to each element. A subclass th
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -55,12 +56,33 @@ def param(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclas
 
 def bind(cls: type[T], values: Mapping[str, Any] | None, key: str) -> T:
     """``cls(**values)`` after checking the keys and every value; errors name ``key.<field>``."""
-    from kvcomp.registry import check_keys
-
     values = dict(values or {})
     check_keys(cls, values, key)
     check(cls, values, key)
     return cls(**values)
+
+
+def accepted_keys(cls: type) -> list[str] | None:
+    """Constructor keyword names of ``cls`` (None if it takes **kwargs)."""
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+    params = inspect.signature(cls).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_keys(cls: type, kwargs: Mapping[str, Any], key: str) -> None:
+    """Fail with the allowed keys (and the closest one) if ``kwargs`` has a key ``cls`` does not take."""
+    allowed = accepted_keys(cls)
+    if allowed is None:
+        return
+    for k in kwargs:
+        if k not in allowed:
+            hint = closest(k, allowed)
+            msg = f"{key}.{k} is not a key of {key} '{getattr(cls, 'registry_name', cls.__name__)}'; "
+            msg += f"allowed: {', '.join(sorted(allowed))}"
+            raise ConfigError(msg + (f" (did you mean '{hint}'?)" if hint else ""))
 
 
 def check(cls: type, values: Mapping[str, Any], key: str) -> None:

@@ -7,15 +7,13 @@ bounds declared on its dataclass fields (``kvcomp.fields``), before anything hea
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import inspect
 import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
-from kvcomp.errors import ConfigError, RegistryError, closest, unknown_choice
-from kvcomp.fields import check
+from kvcomp.errors import ConfigError, RegistryError, unknown_choice
+from kvcomp.fields import check, check_keys
 
 T = TypeVar("T")
 
@@ -99,29 +97,6 @@ class Registry(Generic[T]):
             raise
         except TypeError as e:  # wrong type that the signature check could not see
             raise ConfigError(f"{key}: {e}") from None
-
-
-def accepted_keys(cls: type) -> list[str] | None:
-    """Constructor keyword names of ``cls`` (None if it takes **kwargs)."""
-    if dataclasses.is_dataclass(cls):
-        return [f.name for f in dataclasses.fields(cls) if f.init]
-    params = inspect.signature(cls).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def check_keys(cls: type, kwargs: Mapping[str, Any], key: str) -> None:
-    """Fail with the allowed keys (and the closest one) if ``kwargs`` has a key ``cls`` does not take."""
-    allowed = accepted_keys(cls)
-    if allowed is None:
-        return
-    for k in kwargs:
-        if k not in allowed:
-            hint = closest(k, allowed)
-            msg = f"{key}.{k} is not a key of {key} '{getattr(cls, 'registry_name', cls.__name__)}'; "
-            msg += f"allowed: {', '.join(sorted(allowed))}"
-            raise ConfigError(msg + (f" (did you mean '{hint}'?)" if hint else ""))
 
 
 def _import_target(path: str, key: str) -> type:

@@ -11,7 +11,8 @@ from conftest import compose
 from kvcomp.errors import ConfigError
 from kvcomp.experiment import build_parts, run, to_dict
 from kvcomp.model import ModelConfig
-from kvcomp.preflight import _from_gguf, check_context, check_settings, max_positions
+from kvcomp.model.positions import _from_gguf, max_positions
+from kvcomp.plan import check_settings
 
 
 @pytest.mark.parametrize("c,message", [
@@ -56,10 +57,9 @@ def test_long_context_refused_unless_allowed() -> None:
     over = ["model=tiny_llama", "model.random.max_position_embeddings=256", "task.context_length=300",
             "task.n_samples=1", "task.max_new_tokens=2"]
     c = to_dict(compose(over))
-    parts = build_parts(c)
     with pytest.raises(ConfigError, match=r"^task.context_length=300 \+ task.max_new_tokens=2 = 302 positions exceed "
                                           r"model=tiny_llama's max_position_embeddings=256; .*allow_long_context=true"):
-        check_context(c, parts.model, parts.task)
+        build_parts(c)  # bound with the rest of the config, before any model or data loads
     with pytest.raises(ConfigError, match="allow_long_context"):
         run(c)
     m = run(compose([*over, "allow_long_context=true"]))  # the explicit opt-in runs it

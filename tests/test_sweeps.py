@@ -278,7 +278,7 @@ def test_method_presets_compose(overrides: list[str]) -> None:
 
 def test_objective_kinds() -> None:
     from kvcomp.errors import ConfigError
-    from kvcomp.experiment import objective
+    from kvcomp.metrics import objective
 
     m = {"score": 80.0, "kv_bytes": 1000.0}
     assert objective(m, "score") == 80.0

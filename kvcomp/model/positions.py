@@ -1,60 +1,14 @@
-"""Checks a run passes before any model or data loads (``experiment.run`` calls these first).
-
-- the top-level keys (``seed``, ``compare_baseline``, ``allow_long_context``, ``budget_kv_bytes``) have the
-  types and ranges declared on ``RunSettings`` (components check theirs when the registry binds them), and
-  ``objective=score_under_budget`` comes with a ``budget_kv_bytes``;
-- the task's longest prompt plus generation fits the model's ``max_position_embeddings``, read from the
-  model's config without loading weights, unless ``allow_long_context=true``.
-"""
+"""How many positions a model was trained for, read from its config or GGUF metadata without loading weights."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import inspect
 import json
-import logging
 from pathlib import Path
-from typing import Any
 
 from kvcomp.errors import ConfigError
-from kvcomp.fields import check, param
 from kvcomp.model.loader import ModelConfig, cache_dir
-
-log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class RunSettings:
-    """Top-level keys of ``conf/config.yaml`` that are values (not config groups)."""
-
-    seed: int = param(0, ge=0)
-    compare_baseline: bool = False
-    allow_long_context: bool = False  # run past the model's max_position_embeddings anyway
-    budget_kv_bytes: float | None = param(None, gt=0)
-
-
-def check_settings(c: dict[str, Any]) -> None:
-    """ConfigError naming the top-level key whose value is not allowed (before the groups are built)."""
-    names = {f.name for f in dataclasses.fields(RunSettings)}
-    check(RunSettings, {k: v for k, v in c.items() if k in names}, "")
-    spec = c.get("objective", "score")
-    specs = spec if isinstance(spec, list | tuple) else [spec]
-    if "score_under_budget" in specs and c.get("budget_kv_bytes") is None:
-        raise ConfigError("objective=score_under_budget needs budget_kv_bytes=<bytes> (a positive number)")
-
-
-def check_context(c: dict[str, Any], model: ModelConfig, task: Any) -> None:
-    """ConfigError if the task needs more positions than the model was trained for (unless allowed)."""
-    need = task.positions_needed()
-    if need is None or c.get("allow_long_context"):
-        return
-    limit = max_positions(model)
-    if limit is not None and need[0] > limit:
-        raise ConfigError(
-            f"{need[1]} = {need[0]} positions exceed model={model.name}'s max_position_embeddings={limit}; "
-            "shorten the task, or pass allow_long_context=true to run past the trained length anyway"
-        )
 
 
 def max_positions(cfg: ModelConfig) -> int | None:
