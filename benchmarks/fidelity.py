@@ -94,7 +94,7 @@ def render(rows: dict[str, dict[str, Any]], a: argparse.Namespace, argv: list[st
             + f"- settings: {settings}\n- full-cache log-probs: {hits} hit(s), {misses} miss(es); wall time per row "
             f"(min, 1 thread, 2 shared cores): {walls}; whole benchmark {wall_s / 60:.1f} min\n"
             + (f"- not run: {', '.join(n for n in ROWS if n not in rows)}\n" if len(rows) < len(ROWS) else "") + "\n"
-            + "\n".join(lines) + "\n\nGoals (issue 16):\n" + "\n".join(goals) + "\n")
+            + "\n".join(lines) + "\n\nGoals:\n" + "\n".join(goals) + "\n")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def measure(exps: list[str], prefill_tokens: int, rss_tokens: int, repeats: int,
 
 
 def goals(rows: dict[str, dict[str, Any]]) -> list[str]:
-    """The issue's goals, each with the measured number."""
+    """The goals set for this benchmark, each with the measured number."""
     out = []
 
     def check(name: str, ok: bool, text: str) -> None:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> str:
                 f"{a.repeats}); peak RSS at {a.rss_tokens} tokens; WikiText-2 PPL on {a.ppl_windows} x 1024 "
                 "tokens; compressed rows prefill in chunks of 512, the full cache unchunked.")
     text = (header("Quantized KV cache vs full cache", ["benchmarks.quant", *(argv or sys.argv[1:])])
-            + f"- settings: {settings}\n\n" + table(rows, COLS) + "\n\nGoals (issue 5):\n"
+            + f"- settings: {settings}\n\n" + table(rows, COLS) + "\n\nGoals:\n"
             + "\n".join(goals({r["experiment"]: r for r in rows})) + "\n")
     return publish(a.out, text)
 

@@ -5,7 +5,7 @@ DynamicCache, unchunked prefill), kvcomp ``kvquant_stream``, ``livekvquant`` and
 selective propagation; the prompt's last ``--question-tokens`` guide it), all chunked; kvpress SnapKV and HF
 QuantizedCache (quanto int4) when those packages import in ``--peer-python`` (else skipped, said so). Columns:
 TTFT, peak CUDA memory above the weights during the prefill, KV bytes held, decode ms/token. Writes
-``scale.md`` + ``scale.csv`` (with a Goals section for issue 10) to ``--out-dir``.
+``scale.md`` + ``scale.csv`` (with a Goals section: the GPU targets) to ``--out-dir``.
 
     python -m benchmarks.scale                                  # 8k, 32k, 128k (needs a CUDA GPU)
     python -m benchmarks.scale --lengths 8192 32768 --configs full kvquant_stream
@@ -114,7 +114,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def goals(rows: list[dict[str, Any]], smoke: bool, row_key: str = "kvquant_stream") -> list[str]:
-    """The goals of issue 10 computed from the measured rows, each met / not met / not measured, with numbers."""
+    """The GPU goals computed from the measured rows, each met / not met / not measured, with numbers."""
     by = {(r["key"], r["tokens"]): r for r in rows}
     lengths = sorted({r["tokens"] for r in rows})
     short, mid, long_ = (lengths[0],) * 3 if smoke and lengths else (GOAL_SHORT, GOAL_MID, GOAL_LONG)
@@ -192,7 +192,7 @@ def write_report(rows: list[dict[str, Any]], a: argparse.Namespace, skipped: lis
             + "".join(f"- skipped: {s}\n" for s in skipped) + "\n" + table(rows, COLS)
             + "\n\nPeak = `torch.cuda.max_memory_allocated` during the prefill minus what was allocated just before "
               "it (weights, prompt); KV held = bytes of the cache after the prefill; TTFT = prefill + first token.\n"
-            + "\n## Goals (issue 10: H100 80 GB, 8B-shaped model, bf16; judged on the "
+            + "\n## Goals (H100 80 GB, 8B-shaped model, bf16; judged on the "
               "kvquant_stream rows)\n\n" + "\n".join(goals(rows, a.smoke)) + "\n")
     a.out_dir.mkdir(parents=True, exist_ok=True)
     (a.out_dir / "scale.md").write_text(text)
