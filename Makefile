@@ -30,14 +30,15 @@ $(TRITON_STAMP): $(STAMP)
 	@touch $(TRITON_STAMP)
 
 test: $(STAMP) $(TRITON_STAMP)
-	$(BIN)/python -m ruff check kvcomp runners tests benchmarks hydra_plugins
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m ruff check kvcomp runners tests benchmarks hydra_plugins tools
+	$(BIN)/python -m pytest -q -ra --durations=15
 
+# unit tests on tiny models: no real-model runs, no subprocess runs (< 2 min)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=5
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check kvcomp runners tests benchmarks hydra_plugins
+	$(BIN)/python -m ruff check kvcomp runners tests benchmarks hydra_plugins tools
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.quant

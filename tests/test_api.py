@@ -173,6 +173,7 @@ def test_misuse_is_reported() -> None:
             pass
 
 
+@pytest.mark.slow  # a subprocess run
 def test_import_kvcomp_stays_light() -> None:
     code = ("import sys, kvcomp; assert 'torch' not in sys.modules and 'hydra' not in sys.modules; "
             "print(kvcomp.methods())")

@@ -179,6 +179,7 @@ def test_batches() -> None:
     assert torch.equal(both, torch.cat(rows))
 
 
+@pytest.mark.slow  # a subprocess run
 def test_cli_refuses_like_the_api(tmp_path: Path) -> None:
     """``python -m runners.run model.name_or_path=<local HF dir>`` on a model kvcomp cannot run: one error line,
     exit 2, no run dir left."""

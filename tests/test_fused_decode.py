@@ -112,6 +112,7 @@ INTERP = [(c, {}, TOL) for c in ("uniform2", "uniform4", "uniform8", "kivi2", "l
 ]
 
 
+@pytest.mark.slow  # a subprocess run
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e '.[triton]')")
 def test_triton_kernel_under_interpreter() -> None:
     """Kernel vs reference with 16-token tiles, 32-token splits and 16-outlier steps (every loop runs more

@@ -222,6 +222,7 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a subprocess run
 @needs_rows
 def test_pipeline_through_runner_on_real_rows(tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -254,6 +255,7 @@ def test_longbench_e_and_rouge_score_in_process(tmp_path: Path) -> None:
             "score_multi_news_0-4k", "score_multi_news_8k+"} <= set(m)
 
 
+@pytest.mark.slow  # a subprocess run
 def test_missing_data_dir_fails_cleanly_on_cli(tmp_path: Path) -> None:
     r = cli(["+experiment=longbench_core13", "model=tiny_llama", f"task.data_dir={tmp_path}/nothing",
              f"hydra.run.dir={tmp_path}/run"], REPO)

@@ -89,6 +89,7 @@ def test_no_full_precision_history(tiny, monkeypatch) -> None:
     assert s.cache.layers[0].seen == 301
 
 
+@pytest.mark.slow  # a subprocess run
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_decode_picks_the_self_checked_triton_kernel() -> None:
     """Decode steps of a real run go through the Triton kernel where it is chosen (here: the interpreter, as

@@ -95,6 +95,7 @@ def test_single_run_dir(sweep: Path) -> None:
     assert "pareto.png" in written and "1 runs: 1 ok" in written["report.md"].read_text()
 
 
+@pytest.mark.slow  # a subprocess run
 def test_bad_dir_is_one_error_line(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for target in (tmp_path / "nosuch", tmp_path):

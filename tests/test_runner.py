@@ -28,6 +28,7 @@ def run_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob(".hydra/config.yaml"))
 
 
+@pytest.mark.slow  # a subprocess run
 def test_tiny_end_to_end(tmp_path: Path) -> None:
     r = cli(["+experiment=demo", "model=tiny_llama", f"hydra.run.dir={tmp_path}/run"], REPO)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -50,6 +51,7 @@ def test_tiny_end_to_end(tmp_path: Path) -> None:
         assert row in table, r.stdout[-3000:]
 
 
+@pytest.mark.slow  # a subprocess run
 def test_same_seed_same_metrics(tmp_path: Path) -> None:
     from conftest import compose
 
@@ -74,6 +76,7 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     (["+experiment=kvquant_stream", "quantizer.ema_decay=1"], "quantizer.ema_decay=1 must be a number in [0, 1)"),
     (["task.context_length=200000"], "200012 positions exceed model=smollm2_135m's max_position_embeddings=8192"),
 ])
+@pytest.mark.slow  # a subprocess run
 def test_bad_overrides_fail_cleanly(tmp_path: Path, args: list[str], needle: str) -> None:
     if "cuda" in " ".join(args):
         import torch
@@ -110,6 +113,7 @@ def test_compare_baseline_adds_full_cache_numbers() -> None:
         m["score"] / full["score"])
 
 
+@pytest.mark.slow  # a subprocess run
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_interrupted_run_says_so(tmp_path: Path, sig: signal.Signals) -> None:
     """A real run gets the signal mid-run: it stops after the current sample, keeps predictions so far and a

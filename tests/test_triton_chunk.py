@@ -42,6 +42,7 @@ def _interpret(code: str, *args: str, **env: str) -> subprocess.CompletedProcess
                           timeout=600)
 
 
+@pytest.mark.slow  # a subprocess run
 @needs_triton
 def test_chunk_kernel_equals_tiled_path_and_oracle() -> None:
     """Kernel vs ``chunk.chunk_attention`` and vs materialize + one float32 softmax (output and log-sum-exp), with
@@ -64,6 +65,7 @@ def test_chunk_kernel_equals_tiled_path_and_oracle() -> None:
         f"kernel vs tiled path / oracle max abs errors: {report}"
 
 
+@pytest.mark.slow  # a subprocess run
 @needs_triton
 def test_prefill_chunks_pick_the_self_checked_kernel() -> None:
     """A real livekvquant run (random LLaMA, head dim 32 as the kernel needs; sparse outliers, fp16 warm-up block)
