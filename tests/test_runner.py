@@ -69,7 +69,7 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     (["model=tiny_llama", "+experiment=nosuch"], "experiment=nosuch is not one of"),
     (["model=tiny_llama", "+compressor.chunk_sz=3"], "compressor.chunk_sz"),
     (["model=tiny_llama", "quantizer=none", "model.device=cuda:7"], "model.device"),
-    # up front, before the model loads (issue 19)
+    # up front, before the model loads
     (["seed=abc"], "error: seed=abc must be an integer >= 0"),
     (["model=tiny_llama", "seed=-1"], "error: seed=-1 must be an integer >= 0"),
     (["model=tiny_llama", "task.context_length=1.5"], "error: task.context_length=1.5 must be an integer > 0"),

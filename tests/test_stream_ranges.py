@@ -1,4 +1,4 @@
-"""Streaming quantization ranges (issue 17): EMA-set key grids, LiveKVQuant's clipped-EMA range, warm-up re-encoding."""
+"""Streaming quantization ranges: EMA-set key grids, LiveKVQuant's clipped-EMA range, warm-up re-encoding."""
 
 from __future__ import annotations
 
