@@ -51,7 +51,6 @@ def test_tiny_end_to_end(tmp_path: Path) -> None:
         assert row in table, r.stdout[-3000:]
 
 
-@pytest.mark.slow  # a subprocess run
 def test_same_seed_same_metrics(tmp_path: Path) -> None:
     from conftest import compose
 
@@ -62,7 +61,7 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     assert a["score"] == b["score"] and a["kv_bytes"] == b["kv_bytes"]
 
 
-@pytest.mark.parametrize("args,needle", [
+BAD = [
     (["quantizer=nosuch"], "quantizer=nosuch is not one of"),
     (["scorer=snapk"], "scorer=snapk is not one of"),
     (["+experiment=demo", "model=tiny_llama", "task.context_length=-1"], "task.context_length=-1"),
@@ -75,22 +74,46 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     (["model=tiny_llama", "task.context_length=1.5"], "error: task.context_length=1.5 must be an integer > 0"),
     (["+experiment=kvquant_stream", "quantizer.ema_decay=1"], "quantizer.ema_decay=1 must be a number in [0, 1)"),
     (["task.context_length=200000"], "200012 positions exceed model=smollm2_135m's max_position_embeddings=8192"),
-])
-@pytest.mark.slow  # a subprocess run
-def test_bad_overrides_fail_cleanly(tmp_path: Path, args: list[str], needle: str) -> None:
+]
+
+
+def _one_error_line(code: int, stderr: str, needle: str, run_dir: Path) -> None:
+    assert code == 2, stderr[-2000:]
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr
+    assert "Traceback" not in stderr
+    assert not list(run_dir.parent.rglob("metrics.json")) and not run_dir.exists()
+
+
+@pytest.mark.parametrize("args,needle", BAD)
+def test_bad_overrides_refused_before_anything_loads(args: list[str], needle: str) -> None:
+    """What the CLI checks, in this process: group option names (``check_overrides``), then the whole config
+    (``plan.build_parts``); the error's text is the ``error:`` line the CLI prints."""
     if "cuda" in " ".join(args):
         import torch
 
         if torch.cuda.is_available():
             pytest.skip("a GPU exists here")
+    from conftest import compose
+
+    from kvcomp.errors import KvcompError
+    from kvcomp.experiment import build_parts
+    from runners.run import check_overrides
+
+    with pytest.raises(KvcompError) as e:
+        check_overrides(args)
+        build_parts(compose(args))
+    assert needle.removeprefix("error: ") in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow  # subprocess runs: the real command line, a fresh interpreter each
+@pytest.mark.parametrize("args,needle", [BAD[0], BAD[4], BAD[5], BAD[6], BAD[10]])
+def test_bad_overrides_fail_cleanly(tmp_path: Path, args: list[str], needle: str) -> None:
     r = cli([*args, f"hydra.run.dir={tmp_path}/run"], REPO)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
-    assert not list(tmp_path.rglob("metrics.json")) and not (tmp_path / "run").exists()
+    _one_error_line(r.returncode, r.stderr, needle, tmp_path / "run")
 
 
+@pytest.mark.slow  # a subprocess run
 def test_print_composed_config() -> None:
     r = cli(["+experiment=demo", "--cfg", "job"], REPO)
     assert r.returncode == 0 and "exp_name: demo" in r.stdout and "name: passkey" in r.stdout
