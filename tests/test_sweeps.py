@@ -48,7 +48,7 @@ def test_presets_on_search_path_from_any_cwd(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "runners.run", "+sweeps=hpo/tpe", *SMOKE, "--cfg", "all"],
                        cwd=tmp_path, env={**env(), "PYTHONPATH": ""}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "kvcomp_sweeps.KvcompOptunaSweeper" in r.stdout and "exp_name: hpo_tpe" in r.stdout
+    assert "kvcomp_optuna.KvcompOptunaSweeper" in r.stdout and "exp_name: hpo_tpe" in r.stdout
     assert "compressor.chunk_size: choice(32, 64, 128)" in r.stdout
 
 
@@ -225,13 +225,13 @@ def test_two_workers_on_postgresql(tmp_path: Path) -> None:
 # --- presets compose and name keys that exist (no model runs) --------------------------------------
 
 NOW = [["+sweeps=ablation/smoke"], ["+sweeps=ablation/chunking"], ["+sweeps=ablation/quantization_bits"],
-       *[[f"+sweeps=hpo/{p}", f"sweeps/space={s}"] for p in ("random", "tpe", "cmaes", "nsga2", "compare_all",
-                                                             "tpe_fidelity", "nsga2_fidelity")
+       *[[f"+sweeps=hpo/{p}", f"sweeps/space={s}"] for p in ("random", "tpe", "gp", "cmaes", "nsga2", "nsga3",
+                                                             "compare_all", "tpe_fidelity", "nsga2_fidelity")
          for s in ("smoke", "quantizer")]]
 METHOD = [[f"+sweeps=ablation/{p}"] for p in ("component", "importance_weights", "precision_thresholds",
                                               "propagation_ratios", "comprehensive")]
-METHOD += [[f"+sweeps=hpo/{p}"] for p in ("random", "tpe", "cmaes", "nsga2", "compare_all", "tpe_fidelity",
-                                          "nsga2_fidelity")]
+METHOD += [[f"+sweeps=hpo/{p}"] for p in ("random", "tpe", "gp", "cmaes", "nsga2", "nsga3", "compare_all",
+                                          "tpe_fidelity", "nsga2_fidelity")]
 
 
 def _compose(overrides: list[str]):
