@@ -1,0 +1,109 @@
+"""GP vs TPE on the tiny-model objective: does ``hpo/gp`` reach ``hpo/tpe``'s best value in no more trials?
+
+For each seed, both presets run as real sweeps (``python -m runners.run -m``, sqlite storage, same seed,
+same ``--trials`` budget, same search space and objective): minimise ``kl_full`` (mean KL of the
+full cache vs the compressed cache over the teacher-forced answer, ``task.fidelity=true``) of
+``model=tiny_llama`` with ``sweeps/space=quantizer`` restricted to 2/4-bit keys and values (so the
+outlier threshold, sinks and chunk size matter). Per seed: TPE's best value and the trial that first
+reached it; the first GP trial whose best-so-far is <= that value; GP's own best. Writes
+``benchmarks/results/sweeps_gp_tpe.md``.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.sweeps_gp_tpe --seeds 0 1 2 --trials 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import REPO, header, table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OBJECTIVE = ["model=tiny_llama", "sweeps/space=quantizer", "task.fidelity=true", "objective=kl_full",
+             "hydra.sweeper.direction=minimize", "task.n_samples=2", "task.context_length=256",
+             "quantizer.key_bits_normal=choice(2,4)", "quantizer.value_bits_normal=choice(2,4)"]
+
+
+def run_sweep(sampler: str, seed: int, trials: int, out: Path) -> tuple[list[float], float]:
+    """Objective values in trial order (COMPLETE trials) of one real sweep, and its wall time (s)."""
+    import optuna
+
+    sweep = out / f"{sampler}-seed{seed}"
+    cmd = [sys.executable, "-m", "runners.run", "-m", f"+sweeps=hpo/{sampler}", *OBJECTIVE, f"seed={seed}",
+           f"hydra.sweeper.n_trials={trials}", f"hydra.sweep.dir={sweep}", f"task.fidelity_cache_dir={out / 'fid'}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    study = optuna.load_study(study_name=f"hpo_{sampler}", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    done = sorted((t for t in study.get_trials() if t.state.name == "COMPLETE"), key=lambda t: t.number)
+    return [float(t.value) for t in done], time.time() - t0
+
+
+def first_reaching(values: list[float], target: float) -> int | None:
+    """1-based count of trials after which the best-so-far is <= ``target`` (None: never)."""
+    best = float("inf")
+    for i, v in enumerate(values, 1):
+        best = min(best, v)
+        if best <= target:
+            return i
+    return None
+
+
+def compare_seed(seed: int, tpe: list[float], gp: list[float]) -> dict[str, Any]:
+    tpe_best, gp_best = min(tpe), min(gp)
+    tpe_at = first_reaching(tpe, tpe_best)
+    gp_reach = first_reaching(gp, tpe_best)
+    return {"seed": seed, "tpe_best": tpe_best, "tpe_at": tpe_at, "gp_best": gp_best,
+            "gp_at": first_reaching(gp, gp_best), "gp_reach": gp_reach,
+            "tpe_reach_gp": first_reaching(tpe, gp_best),
+            "met": "yes" if gp_reach is not None and tpe_at is not None and gp_reach <= tpe_at else "no"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sweeps_gp_tpe", description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--trials", type=int, default=25, help="budget per sweep (10 of them random start-up)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "sweeps_gp_tpe.md")
+    ap.add_argument("--work-dir", type=Path, default=None, help="sweep dirs (default: a temporary dir)")
+    args = ap.parse_args(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="kvcomp-gp-tpe-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows, walls = [], {"tpe": 0.0, "gp": 0.0}
+    for seed in args.seeds:
+        vals = {}
+        for sampler in ("tpe", "gp"):
+            vals[sampler], wall = run_sweep(sampler, seed, args.trials, work)
+            walls[sampler] += wall
+            print(f"seed {seed} {sampler}: best {min(vals[sampler]):.4g} ({wall:.0f} s)", flush=True)
+        rows.append(compare_seed(seed, vals["tpe"], vals["gp"]))
+    met = sum(r["met"] == "yes" for r in rows)
+    cols = [("seed", "seed", ""), ("tpe_best", "TPE best kl_full", ".4g"), ("tpe_at", "TPE reached it at trial", ""),
+            ("gp_reach", "GP reached TPE's best at trial", ""), ("gp_best", "GP best kl_full", ".4g"),
+            ("gp_at", "GP reached its best at trial", ""), ("tpe_reach_gp", "TPE reached GP's best at trial", ""),
+            ("met", "GP in no more trials", "")]
+    from scipy.stats import binomtest
+
+    ci = binomtest(met, len(rows)).proportion_ci(0.95)
+    text = header("GP vs TPE sweeps on the tiny-model objective", ["benchmarks.sweeps_gp_tpe", *(argv or sys.argv[1:])])
+    text += (f"- objective: minimise kl_full, {' '.join(OBJECTIVE)}; {args.trials} trials per sweep "
+             "(10 random start-up trials in both presets), trial counts are 1-based\n"
+             f"- sweep wall time (sum over seeds): TPE {walls['tpe']:.0f} s, GP {walls['gp']:.0f} s\n\n")
+    text += table(rows, cols)
+    text += (f"\nGP reached TPE's best value in no more trials in {met} of {len(rows)} seeds "
+             f"(95 % Clopper-Pearson interval of the rate: {ci.low:.2f}-{ci.high:.2f}; n={len(rows)} seeds).\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
