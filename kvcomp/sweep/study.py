@@ -10,6 +10,7 @@ heartbeat is older than the grace period, was left by a killed worker: it is mar
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
@@ -64,11 +65,24 @@ def is_stale(trial: FrozenTrial, grace_s: float, now: float | None = None) -> bo
     return (now or time.time()) - float(beat) > grace_s
 
 
-def retry_callback(max_retry: int | None) -> RetryHeartbeatStaleTrialCallback:
-    return RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+class Retry:
+    """Optuna's ``RetryHeartbeatStaleTrialCallback``; the queued copy does not inherit the dead worker's
+    owner and heartbeat attributes (they would make it look abandoned the moment a worker picks it up)."""
+
+    def __init__(self, max_retry: int | None) -> None:
+        self.optuna = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial = copy.copy(trial)
+        trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if k not in (OWNER, BEAT)}
+        self.optuna(study, trial)
 
 
-def requeue_stale(study: optuna.Study, grace_s: float, retry: RetryHeartbeatStaleTrialCallback) -> int:
+def retry_callback(max_retry: int | None) -> Retry:
+    return Retry(max_retry)
+
+
+def requeue_stale(study: optuna.Study, grace_s: float, retry: Retry) -> int:
     """Fail the trials left RUNNING by killed workers and queue their parameters again (``retry``);
     Optuna's heartbeat check runs first where the storage has one. Returns how many this call failed."""
     storage = study._storage
