@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,7 +71,9 @@ class Retry:
     owner and heartbeat attributes (they would make it look abandoned the moment a worker picks it up)."""
 
     def __init__(self, max_retry: int | None) -> None:
-        self.optuna = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        with warnings.catch_warnings():  # experimental since Optuna 2.8, still so in 5.1
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.optuna = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trial = copy.copy(trial)
@@ -108,7 +111,9 @@ def requeue_stale(study: optuna.Study, grace_s: float, retry: Retry) -> int:
 
 def interrupted(trials: Sequence[FrozenTrial]) -> set[int]:
     """Numbers of the trials a killed worker left behind (each has a retry naming it)."""
-    return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
 
 
 @dataclass

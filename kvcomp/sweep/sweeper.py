@@ -157,7 +157,7 @@ class ResumableOptunaSweeper:
             sp.suggest(t, dists)  # a re-queued trial keeps its parameters
             if st.claimed_before(study, t.number) >= n_trials:
                 study._storage.set_trial_system_attr(t._trial_id, st.SURPLUS, True)
-                study.tell(t, state=TrialState.FAIL)
+                tell(study, t, state=TrialState.FAIL)
                 break
             keep.append(t)
         return keep
@@ -175,7 +175,7 @@ class ResumableOptunaSweeper:
                 returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
         except Exception:  # composition error or launcher failure: the config is wrong, not one trial
             for t in trials:
-                study.tell(t, state=TrialState.FAIL)
+                tell(study, t, state=TrialState.FAIL)
             raise
         failed = 0
         for t, ret in zip(trials, returns):
@@ -184,9 +184,9 @@ class ResumableOptunaSweeper:
             if values is None:
                 failed += 1
                 log.warning("trial %d failed: %s", t.number, why)
-                study.tell(t, state=TrialState.FAIL)
+                tell(study, t, state=TrialState.FAIL)
             else:
-                study.tell(t, values=values)
+                tell(study, t, values=values)
         return failed
 
     def _write_results(self, study: optuna.Study, prefix: str) -> None:
@@ -209,6 +209,16 @@ class ResumableOptunaSweeper:
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(res), out / "optimization_results.yaml")
         log.info("Watch it: python -m runners.dashboard %s", self.config.hydra.sweep.dir)
+
+
+def tell(study: optuna.Study, trial: Trial, **kwargs: Any) -> None:
+    """``study.tell``; GridSampler calls ``study.stop()`` once its grid is done, which Optuna refuses outside
+    ``optimize`` after storing the result: the loop ends on ``n_trials`` (capped at the grid's size) anyway."""
+    try:
+        study.tell(trial, **kwargs)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
 
 
 def abort(msg: str) -> NoReturn:
