@@ -98,3 +98,16 @@ def test_dashboard_refuses_what_is_not_a_study(tmp_path: Path) -> None:
     (tmp_path / "x.journal").write_text("")
     assert storage_spec(str(tmp_path / "x.journal")).startswith("journal:")
     assert os.path.basename(storage_spec(str(tmp_path / "x.journal"))) == "x.journal"
+
+
+def test_grid_sampler_finishes_its_grid_under_ask_and_tell() -> None:
+    from kvcomp.sweep.sweeper import tell
+
+    dists, _ = space.parse(["a=choice(1, 2)", "b=range(0, 10, 5)"])
+    s = optuna.create_study(sampler=optuna.samplers.GridSampler({k: space.grid(d) for k, d in dists.items()}))
+    for _ in range(6):  # the last tell makes GridSampler call study.stop(), which Optuna refuses outside optimize
+        t = s.ask()
+        p = space.suggest(t, dists)
+        tell(s, t, values=[p["a"] + p["b"]])
+    assert sorted((t.params["a"], t.params["b"]) for t in s.trials) == [(a, b) for a in (1, 2) for b in (0, 5, 10)]
+    assert all(t.state.name == "COMPLETE" for t in s.trials)
