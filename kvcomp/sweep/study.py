@@ -91,8 +91,7 @@ def requeue_stale(study: optuna.Study, grace_s: float, retry: Retry) -> int:
     storage = study._storage
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     fail_stale_trials(study)  # RDB: heartbeat older than grace_period -> FAIL + retry (the storage's callback)
-    n = len(before) - len([t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                           if t.number in before])
+    n = len([t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before])
     heartbeat = is_heartbeat_enabled(storage)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not (_dead_here(t) or (not heartbeat and is_stale(t, grace_s))):
