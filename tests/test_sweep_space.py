@@ -111,3 +111,14 @@ def test_grid_sampler_finishes_its_grid_under_ask_and_tell() -> None:
         tell(s, t, values=[p["a"] + p["b"]])
     assert sorted((t.params["a"], t.params["b"]) for t in s.trials) == [(a, b) for a in (1, 2) for b in (0, 5, 10)]
     assert all(t.state.name == "COMPLETE" for t in s.trials)
+
+
+def test_trials_interrupted_before_the_retry_callback_still_count_as_interrupted() -> None:
+    from optuna.trial import TrialState, create_trial
+
+    old = create_trial(state=TrialState.FAIL, system_attrs={study.LEGACY_INTERRUPTED: True})
+    old.number = 0
+    done = create_trial(state=TrialState.COMPLETE, value=1.0)
+    done.number = 1
+    assert study.interrupted([old, done]) == {0}
+    assert study.counts([old, done]) == study.Tally(complete=1, running=0, failed=0)

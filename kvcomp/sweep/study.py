@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 log = logging.getLogger(__name__)
 OWNER, BEAT, RUN_DIR = "kvcomp:owner", "kvcomp:heartbeat", "kvcomp:run_dir"
 SURPLUS, COMMAND = "kvcomp:surplus", "kvcomp:command"
+LEGACY_INTERRUPTED = "kvcomp:interrupted"  # how sweeps made before Optuna's retry callback marked them
 IGNORED_OVERRIDES = ("model.device", "logger", "hydra.")  # may differ between workers of one study
 
 
@@ -112,7 +113,8 @@ def interrupted(trials: Sequence[FrozenTrial]) -> set[int]:
     """Numbers of the trials a killed worker left behind (each has a retry naming it)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+        retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    return retried | {t.number for t in trials if t.system_attrs.get(LEGACY_INTERRUPTED)}
 
 
 @dataclass
