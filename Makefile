@@ -3,7 +3,6 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.kvcomp-installed
-export SQLALCHEMY_SILENCE_UBER_WARNING := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 

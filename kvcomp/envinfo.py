@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 PACKAGES = ("kvcomp", "torch", "transformers", "datasets", "hydra-core", "omegaconf", "optuna",
-            "hydra-optuna-sweeper", "wandb", "rouge", "rouge-score", "jieba", "fuzzywuzzy", "triton")
+            "sqlalchemy", "optuna-dashboard", "wandb", "rouge", "rouge-score", "jieba", "fuzzywuzzy", "triton")
 
 
 def git_commit() -> str | None:

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from kvcomp.sweep import plots
 from kvcomp.sweep.report import collect, load_studies, markdown, table, write_comparison, write_csv
+from kvcomp.sweep.storage import as_storage, of_sweep_dir
+
+DASHBOARD_URL = "http://127.0.0.1:8080/dashboard/"  # runners.dashboard at its default port
 
 
 def make_report(root: Path, out: Path) -> dict[str, Path]:
@@ -33,14 +36,17 @@ def make_report(root: Path, out: Path) -> dict[str, Path]:
         written["ablation.png"] = out / "ablation.png"
     if plots.plot_layer_bits(runs, [plots._label(r, diff) for r in rows], out / "layer_bits.png"):
         written["layer_bits.png"] = out / "layer_bits.png"
-    db = root / "optuna.db"
-    if db.exists():
-        storage = f"sqlite:///{db.resolve()}"
+    spec = of_sweep_dir(root)
+    if spec is not None:
+        storage = as_storage(spec)
         for p in write_comparison(storage, {n: n for n in load_studies(storage)}, out):
             written[p.name] = p
     counts = {s: sum(r.status == s for r in runs) for s in ("ok", "failed", "incomplete")}
     md = [f"# Report: {root}\n", f"{len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + "\n"]
     md += [f"![{name}]({name})\n" for name in written if name.endswith(".png")]
+    if spec is not None:
+        md += ["## Live dashboard\n", f"`python -m runners.dashboard {root}` serves optuna-dashboard for this sweep's"
+               f" studies on {DASHBOARD_URL} (history, Pareto front, parameter importances, slices).\n"]
     if (out / "comparison.md").exists():
         md += ["## Studies\n", (out / "comparison.md").read_text(encoding="utf-8")]
     md += ["## Runs\n", markdown(cols, rows)]

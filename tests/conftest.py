@@ -11,7 +11,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 SHARED = REPO / "tests" / "data"  # copied from ../shared/data with its attribution (tests/data/README.md)
 os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")
 
 
 def compose(overrides: list[str] | None = None):

@@ -86,6 +86,7 @@ def test_report_of_a_study_has_sampler_comparison(sweep: Path) -> None:
     table = (sweep / "rep" / "comparison.md").read_text()
     assert "| s-random | 3 | 3 | 1 |" in table and "| s-tpe | 3 | 4 | 2 |" in table
     assert "study,trial,state" in (sweep / "rep" / "runs.csv").read_text().splitlines()[0]
+    assert f"`python -m runners.dashboard {sweep}`" in written["report.md"].read_text()  # the live view's link
 
 
 def test_single_run_dir(sweep: Path) -> None:

@@ -3,7 +3,8 @@
 Every directory holding ``.hydra/config.yaml`` is a run: ``ok`` with ``metrics.json``, ``failed`` with
 ``failed.json``, ``incomplete`` otherwise (killed, or stopped by a signal: its ``status.json`` goes in
 ``error``). Columns: the config keys whose values differ between
-runs, then the metrics. An ``optuna.db`` in the sweep dir adds each run's study, trial number and state.
+runs, then the metrics. A study in the sweep dir (``optuna.db``, ``optuna.journal`` or the storage its
+``multirun.yaml`` names) adds each run's study, trial number and state.
 """
 
 from __future__ import annotations
@@ -78,29 +79,31 @@ def _sort_key(p: Path) -> tuple:
 
 
 def _attach_trials(root: Path, runs: list[Run]) -> None:
-    """Study name, trial number and state from ``<root>/optuna.db``, matched on each trial's run dir."""
-    db = root / "optuna.db"
-    if not db.exists():
-        return
+    """Study name, trial number and state from the sweep dir's storage, matched on each trial's run dir."""
+    from kvcomp.sweep.storage import of_sweep_dir
     from kvcomp.sweep.study import RUN_DIR
 
+    spec = of_sweep_dir(root)
+    if spec is None:
+        return
     by_dir = {r.name: r for r in runs}
-    for name, trials in load_studies(f"sqlite:///{db.resolve()}").items():
+    for name, trials in load_studies(spec).items():
         for t in trials:
             run = by_dir.get(str(t.system_attrs.get(RUN_DIR)))
             if run is not None:
                 run.trial = {"study": name, "trial": t.number, "state": t.state.name}
 
 
-def load_studies(storage: str) -> dict[str, list[Any]]:
-    """``{study name: trials}`` of every study in ``storage``."""
+def load_studies(storage: Any) -> dict[str, list[Any]]:
+    """``{study name: trials}`` of every study in ``storage`` (a resolved spec or an Optuna storage)."""
     import optuna
 
+    from kvcomp.sweep.storage import as_storage
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    out = {}
-    for s in optuna.get_all_study_summaries(storage=storage):
-        out[s.study_name] = optuna.load_study(study_name=s.study_name, storage=storage).get_trials(deepcopy=False)
-    return out
+    storage = as_storage(storage)
+    return {name: optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+            for name in optuna.get_all_study_names(storage=storage)}
 
 
 def table(runs: list[Run]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -209,10 +212,13 @@ def best_so_far(trials: list[Any], maximize: bool) -> list[tuple[int, float, flo
     return out
 
 
-def comparison(storage: str, studies: dict[str, str]) -> dict[str, list[tuple[int, float, float]]]:
+def comparison(storage: Any, studies: dict[str, str]) -> dict[str, list[tuple[int, float, float]]]:
     """``{label: best_so_far}`` for each single-objective study ``{label: study name}`` in ``storage``."""
     import optuna
 
+    from kvcomp.sweep.storage import as_storage
+
+    storage = as_storage(storage)
     out = {}
     for label, name in studies.items():
         study = optuna.load_study(study_name=name, storage=storage)
@@ -222,7 +228,7 @@ def comparison(storage: str, studies: dict[str, str]) -> dict[str, list[tuple[in
     return out
 
 
-def write_comparison(storage: str, studies: dict[str, str], out_dir: str | Path) -> list[Path]:
+def write_comparison(storage: Any, studies: dict[str, str], out_dir: str | Path) -> list[Path]:
     """``comparison.csv`` (every trial), ``comparison.md`` (one row per sampler) and ``comparison.png``."""
     from kvcomp.sweep.plots import plot_comparison
 

@@ -1,58 +1,37 @@
 """Optuna studies that survive crashes and are shared by several workers.
 
-A study lives in RDB storage (``sqlite:///<sweep dir>/optuna.db`` unless ``hydra.sweeper.storage`` names
-any SQLAlchemy URL) under a stable name (``exp_name`` unless ``hydra.sweeper.study_name`` is set).
-Every trial records its owner (``host:pid``) and a heartbeat; a RUNNING trial whose owner is a dead
-process on this host, or whose heartbeat is older than the grace period, was left by a killed worker:
-it is marked FAIL (``kvcomp:interrupted``) and its parameters are enqueued so they run again.
+A study lives in a storage (``kvcomp.sweep.storage``: sqlite in the sweep dir by default, a journal file,
+or any SQLAlchemy URL) under a stable name (``exp_name`` unless ``hydra.sweeper.study_name`` is set).
+Every trial records its owner (``host:pid``) and a heartbeat (Optuna's own on RDB storages, a trial
+attribute on the journal file). A RUNNING trial whose owner is a dead process on this host, or whose
+heartbeat is older than the grace period, was left by a killed worker: it is marked FAIL and Optuna's
+``RetryHeartbeatStaleTrialCallback`` queues a copy with its parameters (``failed_trial`` names the original).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 log = logging.getLogger(__name__)
 OWNER, BEAT, RUN_DIR = "kvcomp:owner", "kvcomp:heartbeat", "kvcomp:run_dir"
-INTERRUPTED, SURPLUS, COMMAND = "kvcomp:interrupted", "kvcomp:surplus", "kvcomp:command"
+SURPLUS, COMMAND = "kvcomp:surplus", "kvcomp:command"
+LEGACY_INTERRUPTED = "kvcomp:interrupted"  # how sweeps made before Optuna's retry callback marked them
 IGNORED_OVERRIDES = ("model.device", "logger", "hydra.")  # may differ between workers of one study
-
-
-def default_storage(sweep_dir: str | Path) -> str:
-    """``sqlite:///<absolute sweep dir>/optuna.db`` (the directory is created)."""
-    path = Path(sweep_dir).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path / 'optuna.db'}"
-
-
-def make_storage(url: str) -> optuna.storages.RDBStorage:
-    """RDB storage for any SQLAlchemy URL; sqlite waits up to 60 s for a lock held by another worker."""
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    else:
-        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
-    for attempt in range(4):  # workers starting together may race to create the schema
-        try:
-            return optuna.storages.RDBStorage(url, **kwargs)
-        except Exception as e:  # bad URL, unreachable server, missing driver
-            racing = type(e).__name__ in ("OperationalError", "IntegrityError") or "already exists" in str(e)
-            if attempt == 3 or not racing:
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise RuntimeError(f"hydra.sweeper.storage={url}: cannot open this storage ({msg})") from None
-            time.sleep(0.5 + attempt)
-    raise AssertionError("unreachable")
 
 
 def owner() -> str:
@@ -69,8 +48,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _dead_here(trial: FrozenTrial) -> bool:
+    host, _, pid = str(trial.system_attrs.get(OWNER, "")).rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
 def is_stale(trial: FrozenTrial, grace_s: float, now: float | None = None) -> bool:
-    """A RUNNING trial whose worker is gone: a dead pid on this host, or no heartbeat for ``grace_s``."""
+    """A RUNNING trial whose worker is gone: a dead pid on this host, or no kvcomp heartbeat for ``grace_s``
+    (storages without Optuna's heartbeat; on RDB storages ``optuna.storages.fail_stale_trials`` decides)."""
     if trial.state != TrialState.RUNNING:
         return False
     host, _, pid = str(trial.system_attrs.get(OWNER, "")).rpartition(":")
@@ -82,23 +67,54 @@ def is_stale(trial: FrozenTrial, grace_s: float, now: float | None = None) -> bo
     return (now or time.time()) - float(beat) > grace_s
 
 
-def requeue_stale(study: optuna.Study, grace_s: float) -> int:
-    """Mark trials left RUNNING by killed workers as FAIL and enqueue their parameters again."""
-    n = 0
+class Retry:
+    """Optuna's ``RetryHeartbeatStaleTrialCallback``; the queued copy does not inherit the dead worker's
+    owner and heartbeat attributes (they would make it look abandoned the moment a worker picks it up)."""
+
+    def __init__(self, max_retry: int | None) -> None:
+        with warnings.catch_warnings():  # experimental since Optuna 2.8, still so in 5.1
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.optuna = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial = copy.copy(trial)
+        trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if k not in (OWNER, BEAT)}
+        self.optuna(study, trial)
+
+
+def retry_callback(max_retry: int | None) -> Retry:
+    return Retry(max_retry)
+
+
+def requeue_stale(study: optuna.Study, grace_s: float, retry: Retry) -> int:
+    """Fail the trials left RUNNING by killed workers and queue their parameters again (``retry``);
+    Optuna's heartbeat check runs first where the storage has one. Returns how many this call failed."""
+    storage = study._storage
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    fail_stale_trials(study)  # RDB: heartbeat older than grace_period -> FAIL + retry (the storage's callback)
+    n = len([t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before])
+    heartbeat = is_heartbeat_enabled(storage)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_stale(t, grace_s):
+        if not (_dead_here(t) or (not heartbeat and is_stale(t, grace_s))):
             continue
         try:
-            study._storage.set_trial_system_attr(t._trial_id, INTERRUPTED, True)
-            study._storage.set_trial_state(t._trial_id, TrialState.FAIL)
-        except RuntimeError:  # another worker got there first
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):  # another worker got there first
             continue
-        if t.params:
-            study.enqueue_trial(dict(t.params))
-        log.warning("trial %d was left RUNNING by a killed worker (%s): marked FAIL, parameters re-enqueued",
+        retry(study, study._storage.get_trial(t._trial_id))
+        log.warning("trial %d was left RUNNING by a killed worker (%s): marked FAIL, parameters queued again",
                     t.number, t.system_attrs.get(OWNER, "unknown"))
         n += 1
     return n
+
+
+def interrupted(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of the trials a killed worker left behind (each has a retry naming it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    return retried | {t.number for t in trials if t.system_attrs.get(LEGACY_INTERRUPTED)}
 
 
 @dataclass
@@ -111,8 +127,9 @@ class Tally:
 def counts(trials: Sequence[FrozenTrial]) -> Tally:
     """COMPLETE, RUNNING and genuinely failed trials (interrupted and surplus ones are not counted)."""
     t = Tally()
+    gone = interrupted(trials)
     for tr in trials:
-        if tr.system_attrs.get(SURPLUS) or tr.system_attrs.get(INTERRUPTED):
+        if tr.system_attrs.get(SURPLUS) or tr.number in gone:
             continue
         if tr.state == TrialState.COMPLETE:
             t.complete += 1
@@ -154,10 +171,13 @@ def reseed(sampler: Any, seed: int) -> None:
     does not replay the first trials' parameters, and trial N draws the same values however it was reached.
     """
     import numpy as np
+    from optuna.samplers._lazy_random_state import LazyRandomState
 
     def walk(obj: Any, depth: int) -> None:
         for v in vars(obj).values():
-            if isinstance(v, np.random.RandomState):
+            if isinstance(v, LazyRandomState):
+                v.rng.seed(seed % 2**32)
+            elif isinstance(v, np.random.RandomState):
                 v.seed(seed % 2**32)
             elif isinstance(v, optuna.samplers.BaseSampler) and depth < 3:
                 walk(v, depth + 1)
@@ -167,17 +187,29 @@ def reseed(sampler: Any, seed: int) -> None:
 
 @contextmanager
 def heartbeat(study: optuna.Study, trials: Sequence[Any], every_s: float) -> Iterator[None]:
-    """Record a heartbeat for ``trials`` every ``every_s`` seconds while the block runs."""
+    """Record a heartbeat for ``trials`` every ``every_s`` seconds while the block runs: Optuna's own
+    (``record_heartbeat``) on a storage that has one, a ``kvcomp:heartbeat`` trial attribute otherwise."""
+    storage = study._storage
+    optuna_beat = isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
+    if optuna_beat:
+        every_s = float(storage.get_heartbeat_interval() or every_s)
     stop = threading.Event()
+
+    def record() -> None:
+        for t in trials:
+            try:
+                if optuna_beat:
+                    storage.record_heartbeat(t._trial_id)
+                else:
+                    storage.set_trial_system_attr(t._trial_id, BEAT, time.time())
+            except Exception as e:  # a transient storage error must not kill the sweep
+                log.debug("heartbeat failed: %s", e)
 
     def beat() -> None:
         while not stop.wait(every_s):
-            for t in trials:
-                try:
-                    study._storage.set_trial_system_attr(t._trial_id, BEAT, time.time())
-                except Exception as e:  # a transient storage error must not kill the sweep
-                    log.debug("heartbeat failed: %s", e)
+            record()
 
+    record()
     th = threading.Thread(target=beat, name="kvcomp-heartbeat", daemon=True)
     th.start()
     try:

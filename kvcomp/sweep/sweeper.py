@@ -1,5 +1,6 @@
-"""The sweep loop behind ``hydra/sweeper=kvcomp_optuna``: hydra-optuna-sweeper, made resumable.
+"""The sweep loop behind ``hydra/sweeper=kvcomp_optuna``: Optuna's ask/tell over Hydra's launcher, resumable.
 
+- the search space is ``hydra.sweeper.params`` plus the command's sweep overrides (``kvcomp.sweep.space``).
 - ``n_trials`` is the study's total of COMPLETE trials: a rerun (or a second worker) only runs what is
   missing; trials left RUNNING by a killed worker are failed and their parameters run again.
 - a trial that raises, returns nothing or returns NaN is told FAIL and the sweep goes on, until failures
@@ -12,87 +13,122 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
 import optuna
+from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
-from omegaconf import OmegaConf
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import Trial, TrialState
 from tqdm.auto import tqdm
 
+from kvcomp.sweep import space as sp
+from kvcomp.sweep import storage as stg
 from kvcomp.sweep import study as st
 
 log = logging.getLogger(__name__)
 logging.getLogger("alembic").setLevel(logging.WARNING)  # Optuna's schema setup is not news
+DIRECTIONS = ("minimize", "maximize")
 
 
-class ResumableOptunaSweeper(OptunaSweeperImpl):
-    """OptunaSweeperImpl with RDB storage by default, total ``n_trials``, resume and failure handling."""
+class ResumableOptunaSweeper:
+    """Runs one study (or one per ``compare`` sampler) to ``n_trials`` COMPLETE trials."""
 
-    def __init__(self, *, heartbeat_s: float = 30.0, compare: Any = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, sampler: Any, direction: Any, storage: str | None, study_name: str | None,
+                 n_trials: int, n_jobs: int, max_failure_rate: float, heartbeat_s: float, max_retry: int | None,
+                 compare: Any, params: Any) -> None:
+        self.sampler, self.storage, self.study_name = sampler, storage, study_name
+        self.directions = [str(d).lower() for d in (direction if OmegaConf.is_list(direction)
+                                                     or isinstance(direction, list | tuple) else [direction])]
+        bad = [d for d in self.directions if d not in DIRECTIONS]
+        if bad:
+            abort(f"hydra.sweeper.direction={bad[0]}: allowed minimize, maximize or a list of them")
+        if not 0.0 <= float(max_failure_rate) <= 1.0:
+            abort(f"hydra.sweeper.max_failure_rate={max_failure_rate}: allowed 0.0 to 1.0")
+        self.n_trials, self.n_jobs, self.max_failure_rate = int(n_trials), int(n_jobs), float(max_failure_rate)
         self.heartbeat_s = float(heartbeat_s)
+        self.retry = st.retry_callback(None if max_retry is None else int(max_retry))
         self.compare = dict(compare) if compare else None
+        self.params = dict(params) if params else {}
         self.seed: int | None = None
+        self.config: DictConfig | None = None
+        self.launcher: Any = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
+                                                                task_function=task_function)
 
     def sweep(self, arguments: list[str]) -> None:
+        with warnings.catch_warnings():  # ask/tell with Optuna's heartbeat and retry callback is intended here
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
+            self._sweep(arguments)
+
+    def _sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None
-        self._process_searchspace_config()
-        params_conf = self._parse_sweeper_params_config() + list(arguments)
-        dists, fixed = create_params_from_overrides(params_conf)
-        if self.search_space_distributions:
-            dists = {**self.search_space_distributions, **dists}
-        for name in fixed:
-            dists.pop(name, None)
+        params_conf = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        try:
+            dists, fixed = sp.parse(params_conf)
+        except ValueError as e:
+            abort(str(e))
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        storage = str(self.storage) if self.storage else st.default_storage(sweep_dir)
+        spec = stg.resolve(self.storage, sweep_dir)
+        try:
+            storage = stg.open_storage(spec, self.heartbeat_s, on_stale=self.retry)
+        except RuntimeError as e:
+            abort(str(e))
         base = str(self.study_name or self.config.get("exp_name") or "kvcomp")
         key = st.command_key(params_conf)  # the search space and every task override
         sweeper_cfg = self.config.hydra.sweeper
         if not self.compare:
             self.seed = sweeper_cfg.sampler.get("seed")
-            self._run_study(base, storage, self.sampler, dists, fixed, key, prefix="")
+            self._run_study(base, storage, spec, self.sampler, dists, fixed, key, prefix="")
             return
         names = list(self.compare)
         for name in names:
             self.seed = sweeper_cfg.compare[name].get("seed")
-            self._run_study(f"{base}-{name}", storage, self.compare[name], dists, fixed, key, prefix=f"{name}/")
+            self._run_study(f"{base}-{name}", storage, spec, self.compare[name], dists, fixed, key,
+                            prefix=f"{name}/")
         from kvcomp.sweep.report import write_comparison
 
         write_comparison(storage, {n: f"{base}-{n}" for n in names}, sweep_dir)
 
-    def _run_study(self, name: str, storage: str, sampler: Any, dists: dict[str, Any], fixed: dict[str, Any],
+    def _run_study(self, name: str, storage: Any, spec: str, sampler: Any, dists: sp.Space, fixed: dict[str, str],
                    key: list[str], prefix: str) -> None:
         n_trials = self.n_trials
         if isinstance(sampler, functools.partial) and sampler.func == optuna.samplers.GridSampler:
-            grid = {k: self._to_grid_sampler_choices(d) for k, d in dists.items()}
+            try:
+                grid = {k: sp.grid(d) for k, d in dists.items()}
+            except ValueError as e:
+                abort(str(e))
             sampler = sampler(grid)
             n_trials = min(n_trials, math.prod(len(v) for v in grid.values()))
-        directions = self._get_directions()
         try:
-            study = optuna.create_study(study_name=name, storage=st.make_storage(storage), sampler=sampler,
-                                        directions=directions, load_if_exists=True)
+            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                        directions=self.directions, load_if_exists=True)
         except (RuntimeError, ValueError) as e:
             abort(str(e))
         have = [d.name.lower() for d in study.directions]
-        if have != [d.lower() for d in directions]:
-            abort(f"study '{name}' in {storage} optimises {have}, this sweep {directions}; "
+        if have != self.directions:
+            abort(f"study '{name}' in {spec} optimises {have}, this sweep {self.directions}; "
                   "use another exp_name or hydra.sweeper.study_name")
         try:
             st.check_command(study, key)
         except ValueError as e:
             abort(str(e))
-        st.requeue_stale(study, grace_s=3 * self.heartbeat_s)
         tally = st.counts(study.get_trials(deepcopy=False))
-        log.info("Study %s in %s (%s, %s): %d/%d trials complete", name, storage, type(sampler).__name__,
-                 directions, tally.complete, n_trials)
+        log.info("Study %s in %s (%s, %s): %d/%d trials complete", name, spec, type(sampler).__name__,
+                 self.directions, tally.complete, n_trials)
         failures = 0
         bar = tqdm(total=n_trials, initial=min(tally.complete, n_trials), desc=name, unit="trial")
         while True:
+            st.requeue_stale(study, grace_s=3 * self.heartbeat_s, retry=self.retry)
             tally = st.counts(study.get_trials(deepcopy=False))
             bar.n = min(tally.complete, n_trials)
             bar.refresh()
@@ -103,54 +139,58 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
                 bar.close()
                 abort(f"{failures} trials failed (more than hydra.sweeper.max_failure_rate={self.max_failure_rate}"
                       f" x n_trials={n_trials}); see failed.json in their run dirs")
-            trials = self._claim(study, min(todo, max(1, self.n_jobs)), n_trials)
+            trials = self._claim(study, min(todo, max(1, self.n_jobs)), n_trials, dists)
             if not trials:
                 break
-            failures += self._launch(study, trials, dists, fixed, prefix, directions)
+            failures += self._launch(study, trials, fixed, prefix)
         bar.close()
         self._write_results(study, prefix)
 
-    def _claim(self, study: optuna.Study, n: int, n_trials: int) -> list[Trial]:
+    def _claim(self, study: optuna.Study, n: int, n_trials: int, dists: sp.Space) -> list[Trial]:
         """Ask ``n`` trials; one that another worker's trials have made surplus is set aside."""
         keep = []
         for _ in range(n):
             t = study.ask()
             study._storage.set_trial_system_attr(t._trial_id, st.OWNER, st.owner())
+            if self.seed is not None:  # trial N draws the same values however (and by whom) it was reached
+                st.reseed(study.sampler, int(self.seed) + t.number)
+            sp.suggest(t, dists)  # a re-queued trial keeps its parameters
             if st.claimed_before(study, t.number) >= n_trials:
                 study._storage.set_trial_system_attr(t._trial_id, st.SURPLUS, True)
-                study.tell(t, state=TrialState.FAIL)
+                tell(study, t, state=TrialState.FAIL)
                 break
             keep.append(t)
         return keep
 
-    def _launch(self, study: optuna.Study, trials: list[Trial], dists: dict[str, Any], fixed: dict[str, Any],
-                prefix: str, directions: list[str]) -> int:
+    def _launch(self, study: optuna.Study, trials: list[Trial], fixed: dict[str, str], prefix: str) -> int:
         """Run a batch of trials and tell Optuna each result; returns the number that failed."""
         overrides = []
         for t in trials:
-            if self.seed is not None:
-                st.reseed(study.sampler, int(self.seed) + t.number)
-            overrides.append((*self._configure_trials([t], dists, fixed)[0], f"hydra.sweep.subdir={prefix}{t.number}"))
+            for k, v in fixed.items():
+                t.set_user_attr(k, v)
+            job = [sp.as_override(k, v) for k, v in t.params.items()] + [f"{k}={v}" for k, v in fixed.items()]
+            overrides.append((*job, f"hydra.sweep.subdir={prefix}{t.number}"))
         try:
             with st.heartbeat(study, trials, self.heartbeat_s):
                 returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
         except Exception:  # composition error or launcher failure: the config is wrong, not one trial
             for t in trials:
-                study.tell(t, state=TrialState.FAIL)
+                tell(study, t, state=TrialState.FAIL)
             raise
         failed = 0
         for t, ret in zip(trials, returns):
             study._storage.set_trial_system_attr(t._trial_id, st.RUN_DIR, f"{prefix}{t.number}")
-            values, why = trial_values(ret, len(directions))
+            values, why = trial_values(ret, len(self.directions))
             if values is None:
                 failed += 1
                 log.warning("trial %d failed: %s", t.number, why)
-                study.tell(t, state=TrialState.FAIL)
+                tell(study, t, state=TrialState.FAIL)
             else:
-                study.tell(t, values=values)
+                tell(study, t, values=values)
         return failed
 
     def _write_results(self, study: optuna.Study, prefix: str) -> None:
+        assert self.config is not None
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not done:
             log.warning("study %s has no complete trial", study.study_name)
@@ -168,6 +208,17 @@ class ResumableOptunaSweeper(OptunaSweeperImpl):
         out = Path(str(self.config.hydra.sweep.dir)) / prefix
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(res), out / "optimization_results.yaml")
+        log.info("Watch it: python -m runners.dashboard %s", self.config.hydra.sweep.dir)
+
+
+def tell(study: optuna.Study, trial: Trial, **kwargs: Any) -> None:
+    """``study.tell``; GridSampler calls ``study.stop()`` once its grid is done, which Optuna refuses outside
+    ``optimize`` after storing the result: the loop ends on ``n_trials`` (capped at the grid's size) anyway."""
+    try:
+        study.tell(trial, **kwargs)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
 
 
 def abort(msg: str) -> NoReturn:
