@@ -72,7 +72,7 @@ def _random_value(kind: str, rng: random.Random) -> str:
 
 def _essay_context(n: int, needles: list[str], rng: random.Random) -> str:
     words = essay_words()
-    text = " ".join((words * (n // len(words) + 1))[:n])
+    text = " ".join(words[:n] if n <= len(words) else (words * (n // len(words) + 1))[:n])
     sents = sentences(text)
     cuts = [0, *sorted(int(len(sents) * (d / 100)) for d in rng.sample(DEPTHS, len(needles))), len(sents)]
     parts: list[str] = []
@@ -161,15 +161,20 @@ def _vt_text(rng: random.Random, n: int, num_chains: int, num_hops: int, k: int)
     return user, prefix, question, var_sets[0]
 
 
+def vt_example(args: dict[str, Any], n: int, seed: int) -> str:
+    """RULER's solved variable-tracking example (3-letter names, ``n`` words of noise, the answer after the
+    answer prefix); RULER sizes it to <= 500 tokens (``Ruler`` fits ``n`` so)."""
+    user, prefix, _, names = _vt_text(random.Random(seed), n, args["num_chains"], min(10, args["num_hops"]), 3)
+    return user + prefix + " " + " ".join(names) + "\n"
+
+
 def build_vt(args: dict[str, Any], n: int, seed: int, shuffle_seed: int, context_length: int,
              icl_words: int = 360) -> Prompt:
     """variable tracking: ``num_chains`` chains of ``num_hops`` assignments in ``n`` words of noise, after
-    one solved example (3-letter names, ``icl_words`` words of noise: about the 500 tokens RULER allows it)."""
+    the solved example ``vt_example`` of ``icl_words`` words (drawn with this sample's seed)."""
     rng = random.Random(seed)
-    chains, hops = args["num_chains"], args["num_hops"]
-    icl_user, icl_prefix, _, icl_vars = _vt_text(rng, icl_words, chains, min(10, hops), 3)
-    icl = icl_user + icl_prefix + " " + " ".join(icl_vars) + "\n"
-    user, prefix, question, answers = _vt_text(rng, n, chains, hops, 5)
+    icl = vt_example(args, icl_words, rng.getrandbits(63))
+    user, prefix, question, answers = _vt_text(rng, n, args["num_chains"], args["num_hops"], 5)
     return Prompt(icl + "\n" + user, prefix, question, answers)
 
 

@@ -35,7 +35,7 @@ from kvcomp.task.ruler.constants import QA_TASKS, SETTINGS, TASK_NAMES, tokens_t
 from kvcomp.task.ruler.data import load_prepared
 from kvcomp.task.ruler.qa import QA_FILES, build_qa, read_qa
 from kvcomp.task.ruler.scoring import score_example, score_task
-from kvcomp.task.ruler.synthetic import Prompt, build_cwe, build_fwe, build_niah, build_vt
+from kvcomp.task.ruler.synthetic import Prompt, build_cwe, build_fwe, build_niah, build_vt, vt_example
 
 log = logging.getLogger("kvcomp.task.ruler")
 BUILDERS: dict[str, Callable[..., Prompt]] = {
@@ -46,9 +46,10 @@ SOURCES = ("generate", "prepared")
 
 
 def fit(build: Callable[[int], Prompt], measure: Callable[[Prompt], int], limit: int, hint: int,
-        what: str) -> tuple[int, Prompt, int]:
+        what: str, strict: bool = True) -> tuple[int, Prompt, int]:
     """(n, prompt, length) for the largest haystack size ``n`` with ``measure(build(n)) <= limit``, searched
-    from ``hint`` (doubling / halving to bracket it, then bisection)."""
+    from ``hint`` (doubling / halving to bracket it, then bisection); when even ``n = 1`` is too long,
+    ConfigError if ``strict``, else ``n = 1`` (RULER's fallback to its smallest size)."""
     seen: dict[int, tuple[Prompt, int]] = {}
 
     def at(n: int) -> int:
@@ -67,7 +68,7 @@ def fit(build: Callable[[int], Prompt], measure: Callable[[Prompt], int], limit:
             hi //= 2
         lo = hi // 2
     if lo < 1:
-        if at(1) > limit:
+        if at(1) > limit and strict:
             raise ConfigError(f"task.context_length={limit} is too short for {what}: the smallest prompt "
                               f"takes {at(1)} tokens with generation")
         lo = 1
@@ -132,6 +133,11 @@ class Ruler(Task):
             master = random.Random(f"ruler-{self.seed}-{task}-{self.context_length}")
             qa = read_qa(args["dataset"], str(self.qa_file(task))) if fam == "qa" else None
             hint = self.context_length // 2
+            extra: dict[str, Any] = {}
+            if fam == "variable_tracking":  # RULER: the solved example is sized to <= 500 tokens
+                extra["icl_words"] = fit(lambda n, a=args: Prompt(vt_example(a, n, self.seed), "", "", []),
+                                         lambda p: len(tokenizer(p.user, add_special_tokens=False)["input_ids"]),
+                                         500, 300, f"{task}'s example", strict=False)[0]
 
             def measure(p: Prompt, gen: int = gen) -> int:
                 return len(self.encode(tokenizer, p)) + gen
@@ -142,7 +148,7 @@ class Ruler(Task):
                     build = partial(build_qa, qa[0], qa[1], i, seed=seed, shuffle_seed=self.seed)
                 else:
                     build = partial(BUILDERS[fam], args, seed=seed, shuffle_seed=self.seed,
-                                    context_length=self.context_length)
+                                    context_length=self.context_length, **extra)
                 hint, p, length = fit(lambda n, b=build: b(n=n), measure, self.context_length, hint, task)
                 out.append(self.sample(tokenizer, task, i, p, length))
         return out
