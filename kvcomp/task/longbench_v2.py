@@ -82,7 +82,8 @@ def score_rows(rows: list[dict[str, Any]], compensated: bool = False) -> dict[st
 
 def fill(template: str, row: dict[str, Any], cot: str = "") -> str:
     """pred.py's substitution of $DOC$, $Q$, $C_A$..$C_D$ (each stripped) and $COT$."""
-    out = template.replace("$DOC$", str(row["context"]).strip()).replace("$Q$", str(row["question"]).strip())
+    out = template.replace("$DOC$", str(row.get("context", "")).strip())  # the CoT answer step has no $DOC$
+    out = out.replace("$Q$", str(row["question"]).strip())
     for c in "ABCD":
         out = out.replace(f"$C_{c}$", str(row[f"choice_{c}"]).strip())
     return out.replace("$COT$", cot)
