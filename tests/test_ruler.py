@@ -235,3 +235,26 @@ def test_runs_on_tiny_model_with_score_per_task(tmp_path: Path) -> None:
 
 def test_all_thirteen_tasks_are_known() -> None:
     assert len(TASK_NAMES) == 13 and len(OFFLINE_TASKS) == 11
+
+
+# --- sweeps: task=ruler as the objective ------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["hpo/tpe", "hpo/nsga2", "ablation/smoke"])
+def test_sweep_presets_compose_with_ruler_objective(preset: str) -> None:
+    from test_sweeps import check_preset
+
+    check_preset([f"+sweeps={preset}", "task=ruler", "task.subtasks=[niah_single_1,vt]", "objective=score"])
+
+
+@pytest.mark.slow
+def test_multirun_with_ruler_objective(tmp_path: Path) -> None:
+    from test_sweeps import multirun
+
+    sweep = tmp_path / "s"
+    r = multirun(["model=tiny_llama", "task=ruler", "task.subtasks=[niah_single_1,niah_multikey_2]",
+                  "task.n_samples=1", "task.max_new_tokens=2", "task.context_length=1000,1100", "objective=score",
+                  f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for job in ("0", "1"):
+        m = json.loads((sweep / job / "metrics.json").read_text())
+        assert m["objective"] == m["score"] and "score_niah_multikey_2" in m
