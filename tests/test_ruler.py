@@ -258,3 +258,17 @@ def test_multirun_with_ruler_objective(tmp_path: Path) -> None:
     for job in ("0", "1"):
         m = json.loads((sweep / job / "metrics.json").read_text())
         assert m["objective"] == m["score"] and "score_niah_multikey_2" in m
+
+
+@pytest.mark.slow
+def test_benchmark_table_on_tiny_model(tmp_path: Path) -> None:
+    from benchmarks.ruler import main
+
+    out = tmp_path / "ruler.md"
+    args = ["--lengths", "1000", "--samples", "2", "--tasks", "niah_single_1", "fwe", "--runs", str(tmp_path / "r"),
+            "--out", str(out), "--extra", "model=tiny_llama", "task.max_new_tokens=2"]
+    text = main(args)
+    assert "| niah_single_1 | " in text and "(2) |" in text and "1000 tokens: solved (>= 90 %)" in text
+    assert (tmp_path / "ruler.png").stat().st_size > 0
+    again = main([*args, "--read-only"])  # rows read back, nothing reruns
+    assert again.split("\n| task")[1] == text.split("\n| task")[1]
