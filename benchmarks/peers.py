@@ -9,6 +9,8 @@ as ids, so every system sees identical prompts; predictions are decoded and scor
     python -m benchmarks.peers                                   # 4k + 8k, 1 sample per subtask
     python -m benchmarks.peers --lengths 4096 --samples 2 --ppl-windows 2
     PEERS_SMOKE=1 python -m benchmarks.peers                     # tiny random model, 1 sample, 1 ratio
+    python -m benchmarks.peers --task ruler --subtasks niah_single_1 --lengths 1000 --samples 30 \
+        --out-dir benchmarks/results/ruler_peers                # RULER tasks instead of the offline suite
 """
 
 from __future__ import annotations
@@ -89,14 +91,18 @@ def model_and_tokenizer(smoke: bool) -> tuple[str, Any]:
     return str(_embedded_path(cfg)), tok
 
 
-def build_samples(tok: Any, lengths: list[int], n: int, subtasks: list[str] | None = None
-                  ) -> tuple[dict[int, Any], list[dict[str, Any]]]:
-    """Offline-suite task per length (for scoring) and the serialised samples of all lengths."""
+def build_samples(tok: Any, lengths: list[int], n: int, subtasks: list[str] | None = None,
+                  task: str = "offline_suite") -> tuple[dict[int, Any], list[dict[str, Any]]]:
+    """Offline-suite (or ``task=ruler``) task per length (for scoring) and the serialised samples of all lengths."""
     from kvcomp.task.offline_suite import SUBTASKS, OfflineSuite
+    from kvcomp.task.ruler import OFFLINE_TASKS
+    from kvcomp.task.ruler.task import Ruler
 
     tasks, out = {}, []
     for length in lengths:
-        tasks[length] = OfflineSuite(context_length=length, n_samples=n, seed=0, subtasks=list(subtasks or SUBTASKS))
+        tasks[length] = (Ruler(context_length=length, n_samples=n, seed=0, subtasks=list(subtasks or OFFLINE_TASKS))
+                         if task == "ruler" else
+                         OfflineSuite(context_length=length, n_samples=n, seed=0, subtasks=list(subtasks or SUBTASKS)))
         for s in tasks[length].samples(tok):
             out.append({"id": f"{length}/{s.id}", "length": length, "subtask": s.meta["subtask"],
                         "prompt_ids": s.prompt_ids, "question_ids": s.question_ids,
@@ -168,7 +174,8 @@ def summarise(row: dict[str, Any], out: dict[str, Any], tasks: dict[int, Any], s
             toks = r["tokens"][:-1] if r["tokens"] and r["tokens"][-1] in stop else r["tokens"]
             text = tok.decode(toks, skip_special_tokens=True)
             sample = Sample(id=s["id"], prompt_ids=s["prompt_ids"], answers=s["answers"], meta=s["meta"])
-            recs.append({**r, "prediction": text, "subtask": s["subtask"], "score": task.score(sample, text)})
+            recs.append({**r, "prediction": text, "subtask": s["subtask"], "answers": s["answers"],
+                         "score": task.score(sample, text)})
         agg = task.aggregate(recs)
         lines.append({**base, "length": length, "score": agg["score"],
                       **{k: v for k, v in agg.items() if k.startswith("score_")},
@@ -185,7 +192,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--samples", type=int, default=1, help="samples per offline-suite subtask and length")
-    p.add_argument("--subtasks", nargs="+", default=None, help="offline-suite subtasks (default: all five)")
+    p.add_argument("--task", choices=("offline_suite", "ruler"), default="offline_suite")
+    p.add_argument("--subtasks", nargs="+", default=None,
+                   help="subtasks of --task (default: the offline suite's five, or RULER's 11 offline tasks)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--ppl-windows", type=int, default=2)
     p.add_argument("--ppl-ctx", type=int, default=2048)
@@ -197,12 +206,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     smoke = os.environ.get("PEERS_SMOKE") == "1"
     if smoke:
         a.lengths, a.samples, a.ratios, a.ppl_windows, a.ppl_ctx, a.ppl_cont = [512], 1, [0.5], 1, 256, 64
+        a.lengths = [1200] if a.task == "ruler" else a.lengths  # RULER's shortest prompts need ~1k byte tokens
         a.out_dir = a.out_dir / "smoke" if a.out_dir == RESULTS else a.out_dir
     from kvcomp.engine import stop_ids
     from kvcomp.model.loader import cache_dir
 
     model_path, tok = model_and_tokenizer(smoke)
-    tasks, samples = build_samples(tok, a.lengths, a.samples, ["passkey"] if smoke else a.subtasks)
+    tasks, samples = build_samples(tok, a.lengths, a.samples, ["passkey"] if smoke and a.task != "ruler"
+                                   else a.subtasks, a.task)
     from transformers import GenerationConfig
 
     try:
@@ -222,8 +233,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(f"[peers] {row['name']} ({row['env']} env)", file=sys.stderr)
             done = cache_dir() / "peers_rows" if a.resume else None
             table += summarise(row, run_row(row, spec, Path(tmp), done), tasks, samples, tok, stop)
-    settings = (f"{'tiny random LLaMA (smoke)' if smoke else 'SmolLM2-135M-Instruct'} fp32 on CPU, sdpa; offline "
-                f"suite ({', '.join(a.subtasks or ['all subtasks'])}) at {a.lengths} tokens, {a.samples} sample(s) "
+    what = "offline suite" if a.task == "offline_suite" else "task=ruler (generated, seed 0)"
+    settings = (f"{'tiny random LLaMA (smoke)' if smoke else 'SmolLM2-135M-Instruct'} fp32 on CPU, sdpa; {what} "
+                f"({', '.join(a.subtasks or ['all subtasks'])}) at {a.lengths} tokens, {a.samples} sample(s) "
                 "per subtask and length; WikiText-2: "
                 f"{a.ppl_windows} window(s) of {a.ppl_ctx} context tokens through the cache, PPL on the next "
                 f"{a.ppl_cont}; greedy; kvpress ratios {a.ratios}")
