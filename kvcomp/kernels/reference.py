@@ -23,7 +23,7 @@ import torch
 
 from kvcomp.cache.rope import rotate
 from kvcomp.cache.storage import Dense, Stored
-from kvcomp.kernels.tiles import dequantize_tokens
+from kvcomp.cache.tiles import dequantize_tokens
 
 #: (k block, v block, int32 positions [T] or None = do not rotate)
 Segment = tuple[Stored, Stored, "torch.Tensor | None"]
