@@ -72,3 +72,19 @@ def test_failed_build_warns_once_and_uses_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "no compiler here" in out.stdout and "plain-torch path" in out.stdout
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("b", [1, 2])
+def test_decode_kernel_equals_materialize_oracle(case: str, b: int) -> None:
+    from kvcomp.cache.layer import materialized_attention
+    from kvcomp.kernels.decode import decode_attention_cpu
+
+    layer = build_layer(CASES[case], b=b, hkv=2, d=32, t=300, chunk=64, start=1000)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(b, 6, 1, 32, generator=g)
+    k, v = torch.randn(b, 2, 1, 32, generator=g), torch.randn(b, 2, 1, 32, generator=g)
+    got = decode_attention_cpu(q, layer.history(), k, v, 32**-0.5, layer.rope)
+    assert got is not None
+    want = materialized_attention(layer, q, k, v, torch.arange(layer.seen, layer.seen + 1), 32**-0.5)
+    assert (got[0] - want[0]).abs().max() < 1e-4 and (got[1] - want[1]).abs().max() < 1e-4, case

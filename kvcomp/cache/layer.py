@@ -21,6 +21,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvcomp.cache.rope import Rope
 from kvcomp.cache.storage import Dense, Rows, Stored, nbytes, numel
 from kvcomp.kernels.chunk import History, chunk_attention, scope
+from kvcomp.kernels.decode import decode_attention_cpu
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
@@ -125,7 +126,9 @@ class CompressedLayer(CacheLayerMixin):
 
             out, lse = chunk_attention_triton(query, self, key_states, value_states, scale, hist)
         else:
-            out, lse = chunk_attention(query, hist, key_states, value_states, scale, self.rope)
+            fast = decode_attention_cpu(query, hist, key_states, value_states, scale, self.rope) if q_len == 1 else None
+            out, lse = fast if fast is not None else chunk_attention(query, hist, key_states, value_states, scale,
+                                                                     self.rope)
         self._store(key_states, value_states, positions, (query, lse, scale))
         return out
 

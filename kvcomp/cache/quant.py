@@ -92,6 +92,11 @@ class Packed:
     def tile_reference(self, t0: int, t1: int, out: torch.Tensor) -> None:
         tiles.packed_reference(self, t0, t1, out)
 
+    def decode_meta(self, keep: list[torch.Tensor]) -> list[int] | None:
+        """How the compiled decode kernel reads this block (``kernels/cpu.py``), None if it cannot."""
+        return cpu.packed_meta(self.codes, self.scale, self.zero, self.bits, self.shape, self.axis == "token",
+                               self.group)
+
     @property
     def width(self) -> int:
         """Bits per element of the block's main storage."""
@@ -221,6 +226,11 @@ class ChannelSplit:
 
     def tile_reference(self, t0: int, t1: int, out: torch.Tensor) -> None:
         tiles.channel_split_reference(self, t0, t1, out)
+
+    def decode_meta(self, keep: list[torch.Tensor]) -> list[int] | None:
+        """How the compiled decode kernel reads this block (``kernels/cpu.py``), None if it cannot."""
+        parts = [getattr(p, "decode_meta", lambda k: None)(keep) for p in (self.normal, self.special)]
+        return cpu.split_meta(self.column_map(), self.shape[1], self.shape[3], *parts)
 
     @property
     def width(self) -> int:

@@ -80,6 +80,10 @@ class Dense:
     def tile_reference(self, t0: int, t1: int, out: torch.Tensor) -> None:
         out.copy_(self.data[..., t0:t1, :])
 
+    def decode_meta(self, keep: list[torch.Tensor]) -> list[int] | None:
+        """How the compiled decode kernel reads this block (``kernels/cpu.py``), None if it cannot."""
+        return cpu.dense_meta(self.data, keep)
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.data]
 

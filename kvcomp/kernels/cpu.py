@@ -100,3 +100,41 @@ def dense_tile(data: torch.Tensor, t0: int, t1: int, out: torch.Tensor, rot: Any
         return rotate_rows(out, rot)
     mod.dense_tile(data, t0, out, *(rot or (NO_ROT, NO_ROT)))
     return out
+
+
+# -- meta rows of the decode kernel's sources (``cpu_src.py`` ``Dec``): 16 int64, a split 48 ---------------------
+META = 48
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def dense_meta(x: torch.Tensor, keep: list[torch.Tensor]) -> list[int] | None:
+    """Meta row of a full-precision ``x`` ``[B, H, T, D]`` (float32 / fp16 / bf16; copied when its last dim is
+    strided; the copy goes to ``keep``), or None for another dtype."""
+    if x.dtype not in DTYPES:
+        return None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+        keep.append(x)
+    b, h, t, d = x.shape
+    row = [0, x.data_ptr(), DTYPES[x.dtype], x.stride(0), x.stride(1), x.stride(2), h, d]
+    return row + [0] * (META - len(row))
+
+
+def packed_meta(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                shape: tuple[int, int, int, int], token_axis: bool, group: int) -> list[int] | None:
+    """Meta row of bit-packed codes (``kvcomp.cache.quant.Packed`` layout) or None where the kernel cannot read it."""
+    if bits not in (2, 3, 4, 8) or scale.dtype not in DTYPES or not (scale.is_contiguous() and zero.is_contiguous()):
+        return None
+    b, h, t, d = shape
+    ng = scale.numel() // (b * h * (t if token_axis else d))
+    row = [1, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), DTYPES[scale.dtype], bits, h, t, d,
+           int(token_axis), group, ng]
+    return row + [0] * (META - len(row))
+
+
+def split_meta(colmap: torch.Tensor, h: int, d: int, normal: list[int] | None, special: list[int] | None
+               ) -> list[int] | None:
+    """Meta row of a channel split: int32 column map ``[H*D]`` and its two parts' (unsplit) rows."""
+    if normal is None or special is None or normal[0] == 2 or special[0] == 2:
+        return None
+    return [2, colmap.data_ptr(), h, d] + [0] * 12 + normal[:16] + special[:16]
