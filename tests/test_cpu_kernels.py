@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import REPO
 
+from kvcomp.cache.selfcheck import CASES, build_layer
 from kvcomp.kernels import cpu
 from kvcomp.kernels.chunk import chunk_attention
-from kvcomp.kernels.selfcheck import CASES, build_layer
 
 pytestmark = pytest.mark.skipif(cpu.ops() is None, reason="the compiled CPU kernels could not be built here")
 
@@ -57,7 +57,7 @@ def test_failed_build_warns_once_and_uses_torch() -> None:
         "from kvcomp.kernels import cpu\n"
         "def boom():\n    raise OSError('no compiler here')\n"
         "cpu._build = boom\n"
-        "from kvcomp.kernels.selfcheck import CASES, build_layer\n"
+        "from kvcomp.cache.selfcheck import CASES, build_layer\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    layer = build_layer(CASES['uniform4'])\n"

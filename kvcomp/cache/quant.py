@@ -92,6 +92,10 @@ class Packed:
     def tile_reference(self, t0: int, t1: int, out: torch.Tensor) -> None:
         tiles.packed_reference(self, t0, t1, out)
 
+    def fused_parts(self, bits: tuple[int, ...]) -> tuple[Packed, None] | None:
+        """(self, no outliers) for the Triton kernel (``kernels/plan.py``) when it reads this width."""
+        return (self, None) if self.bits in bits else None
+
     def decode_meta(self, keep: list[torch.Tensor]) -> list[int] | None:
         """How the compiled decode kernel reads this block (``kernels/cpu.py``), None if it cannot."""
         return cpu.packed_meta(self.codes, self.scale, self.zero, self.bits, self.shape, self.axis == "token",
@@ -157,6 +161,12 @@ class Sparse:
     def tile_reference(self, t0: int, t1: int, out: torch.Tensor) -> None:
         self.base.tile_reference(t0, t1, out)
         tiles.sparse_outliers_into(self, t0, t1, out)
+
+    def fused_parts(self, bits: tuple[int, ...]) -> tuple[Stored, Sparse] | None:
+        """(packed base, self) for the Triton kernel (``kernels/plan.py``) when it reads the base."""
+        fn = getattr(self.base, "fused_parts", None)
+        inner = None if fn is None else fn(bits)
+        return (inner[0], self) if inner is not None and inner[1] is None else None
 
     @property
     def width(self) -> int:

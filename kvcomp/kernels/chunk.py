@@ -47,6 +47,9 @@ class Residual:
     def tile_into(self, t0: int, t1: int, out: torch.Tensor, rot: Any = None) -> torch.Tensor:
         return cpu.dense_tile(self.data, t0, t1, out, rot)
 
+    def tile_reference(self, t0: int, t1: int, out: torch.Tensor) -> None:
+        out.copy_(self.data[..., t0:t1, :])
+
     def decode_meta(self, keep: list[torch.Tensor]) -> list[int] | None:
         return cpu.dense_meta(self.data, keep)
 
