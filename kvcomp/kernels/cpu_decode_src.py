@@ -5,7 +5,8 @@ Each source (K or V) is described by an int64 meta row (``cpu.py``: ``dense_meta
 a thread decodes the rows of all KV heads of one token (``Dec::row``), rotates the keys with the tile's cos/sin
 row, scores the ``G`` query heads of each KV head (query pre-scaled), and keeps per query head a running
 (max, sum, accumulator) updated once per ``TB`` tokens; the threads' partial states (the block's tokens split in
-``n_threads`` ranges, flash-decoding) are merged into ``m``/``l``/``acc`` in place.
+``n_threads`` ranges, flash-decoding) are merged into ``m``/``l``/``acc`` in place. RoPE rows come straight
+from the rope's cos/sin table ``[P, D]`` at the tokens' int32 positions (``pos``; empty: row ``j`` of ``cos``).
 """
 
 DECODE_SOURCE = r"""
@@ -118,13 +119,16 @@ inline float exp_neg(float x) {
 }  // namespace
 
 void decode_partial(torch::Tensor q, torch::Tensor kmeta, torch::Tensor vmeta, int64_t t0, int64_t t1,
-                    torch::Tensor cos, torch::Tensor sin, torch::Tensor m, torch::Tensor l, torch::Tensor acc) {
+                    torch::Tensor pos, torch::Tensor cos, torch::Tensor sin, torch::Tensor m, torch::Tensor l,
+                    torch::Tensor acc) {
   const int64_t B = q.size(0), Hk = q.size(1), G = q.size(2), D = q.size(3), n = t1 - t0;
   if (n <= 0) return;
   const int64_t HG = Hk * G;
   const float* qp = q.data_ptr<float>();
   const float* cs = opt(cos);
   const float* sn = opt(sin);
+  const int32_t* ps_ = pos.numel() ? pos.data_ptr<int32_t>() : nullptr;  // table row of token j (null: row j)
+  const int64_t RD = cos.numel() ? cos.size(1) : D;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 256));
   const int64_t per = (n + nch - 1) / nch;
@@ -150,8 +154,9 @@ void decode_partial(torch::Tensor q, torch::Tensor kmeta, torch::Tensor vmeta, i
           for (int64_t h = 0; h < Hk; ++h) {
             const float* k = krow.data() + h * D;
             if (cs) {
-              const float* __restrict c = cs + j * D;
-              const float* __restrict si = sn + j * D;
+              const int64_t r = ps_ ? (int64_t)ps_[t0 + j] : j;
+              const float* __restrict c = cs + r * RD;
+              const float* __restrict si = sn + r * RD;
               const float* __restrict kk = k;
               float* __restrict out = kr.data();
               const int64_t hd = D / 2;

@@ -23,10 +23,33 @@ import torch
 from kvcomp.kernels import cpu
 from kvcomp.kernels.cpu import NO_ROT
 
+NO_POS = torch.empty(0, dtype=torch.int32)
 
-def _meta(block: Any, keep: list[torch.Tensor]) -> list[int] | None:
+
+def _dense(x: torch.Tensor, keep: list[torch.Tensor]) -> torch.Tensor | None:
+    row = cpu.dense_meta(x, keep)
+    return None if row is None else torch.tensor(row, dtype=torch.int64)
+
+
+def history_top(history: Any) -> int:
+    """1 + the largest stored position (the rope table must reach it)."""
+    tops = [int(p.max()) + 1 for _, _, p in history.segments() if p.numel()]
+    return max(tops, default=0)
+
+
+def _meta(block: Any) -> torch.Tensor | None:
+    """The block's decode meta row as an int64 tensor, cached on the block (stored blocks never change; a
+    copy the row points into is cached with it)."""
+    cached = block.__dict__.get("_decode_meta") if hasattr(block, "__dict__") else None
+    if cached is not None:
+        return cached[0]
     fn = getattr(block, "decode_meta", None)
-    return None if fn is None else fn(keep)
+    keep: list[torch.Tensor] = []
+    row = None if fn is None else fn(keep)
+    meta = None if row is None else torch.tensor(row, dtype=torch.int64)
+    if meta is not None and hasattr(block, "__dict__"):
+        block.__dict__["_decode_meta"] = (meta, keep)
+    return meta
 
 
 @torch.no_grad()
@@ -41,25 +64,25 @@ def decode_attention_cpu(query: torch.Tensor, history: Any, new_k: torch.Tensor,
     q = (query.float().reshape(b, hkv, g, d) * scale).contiguous()
     m = torch.full((b, hkv, g), float("-inf"))
     l, acc = torch.zeros(b, hkv, g), torch.zeros(b, hkv, g, d)
+    table = rope.table(history_top(history)) if rope is not None else None
     segs = [*history.segments(), (new_k, new_v, None)]
     for kb, vb, pos in segs:
         keep: list[torch.Tensor] = []
         n = int(kb.shape[2])
         if pos is None:  # this step's own post-RoPE K/V
-            km, vm, rot = cpu.dense_meta(kb, keep), cpu.dense_meta(vb, keep), None
+            km, vm, rot = _dense(kb, keep), _dense(vb, keep), None
         else:
-            rot = rope.lookup(pos) if rope is not None else None
-            km, vm = _meta(kb, keep), _meta(vb, keep)
+            km, vm, rot = _meta(kb), _meta(vb), table
             if km is None:  # the tile holds the rotated keys
-                keep.append(kb.tile_into(0, n, torch.empty(b, hkv, n, d), rot))
-                km, rot = cpu.dense_meta(keep[-1], keep), None
+                keep.append(kb.tile_into(0, n, torch.empty(b, hkv, n, d), None if rot is None else rope.lookup(pos)))
+                km, rot = _dense(keep[-1], keep), None
             if vm is None:
                 keep.append(vb.tile_into(0, n, torch.empty(b, hkv, n, d)))
-                vm = cpu.dense_meta(keep[-1], keep)
+                vm = _dense(keep[-1], keep)
         if km is None or vm is None:
             return None
         cos, sin = rot if rot is not None else (NO_ROT, NO_ROT)
-        ops.decode_partial(q, torch.tensor(km, dtype=torch.int64), torch.tensor(vm, dtype=torch.int64), 0, n,
-                           cos, sin, m, l, acc)
+        p32 = pos if rot is not None and pos.dtype == torch.int32 else (NO_POS if rot is None else pos.to(torch.int32))
+        ops.decode_partial(q, km, vm, 0, n, p32, cos, sin, m, l, acc)
     out = (acc / l[..., None]).reshape(b, hq, 1, d).to(query.dtype)
     return out, (m + torch.log(l)).reshape(b, hq, 1)

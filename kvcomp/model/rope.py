@@ -82,6 +82,17 @@ class Rope:
         idx = positions.long()
         return table[0].index_select(0, idx), table[1].index_select(0, idx)
 
+    def table(self, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached cos/sin table ``[P, rotary_dim]`` (float32, ``P >= top``) that ``lookup`` reads rows of."""
+        device = next((b.device for b in self.rotary.buffers()), torch.device("cpu"))
+        if top > 0:
+            self.lookup(torch.tensor([top - 1], device=device))
+        t = self.__dict__.get("_table")
+        if t is None:
+            self.lookup(torch.zeros(1, dtype=torch.long, device=device))
+            t = self.__dict__["_table"]
+        return t
+
     def split_half(self, d: int) -> bool:
         """Whether this RoPE is the plain LLaMA rotation of all ``d`` channels (``x*cos + rotate_half(x)*sin``),
         checked once numerically: attention then rotates in place with fewer ops."""
