@@ -102,7 +102,9 @@ def profile(model: Any, comp: Any, ids: torch.Tensor, qids: torch.Tensor) -> dic
     return out
 
 
-def measure(a: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+def measure(a: argparse.Namespace, partial: Any = None) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """Every row at every length, then the profile; ``partial(rows, prof)`` after each length and the profile
+    (the results file is written as the run goes: a long run cut short keeps what it measured)."""
     torch.set_num_threads(a.threads)
     model, tok, _ = load("full_cache")
     qids = torch.tensor([tok(QUESTION, add_special_tokens=False)["input_ids"]])
@@ -139,12 +141,16 @@ def measure(a: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict
             for r in rows:
                 if r["tokens"] == n:
                     r["rss_mib"], r["rss_ratio"] = r["rss"] / 2**20, r["rss"] / base if base else None
+        if partial:
+            partial(rows, prof)
     if a.profile:
         n = max(a.lengths)
         ids = torch.cat([wikitext_ids(tok, n), qids], dim=1)
         for label in order:
             prof[label] = profile(model, comps[label], ids, qids)
             print(f"  profile {n} {label}: {prof[label]}", file=sys.stderr)
+            if partial:
+                partial(rows, prof)
     return rows, prof
 
 
@@ -251,10 +257,15 @@ def main(argv: list[str] | None = None) -> None:
         ROWS = [r for r in ROWS if r[0] in a.rows or r[0].split(" (")[0] in a.rows]
     if a.smoke:
         a.lengths, a.repeats, a.decode = [300, 700], 1, 2
-    rows, prof = ([], {}) if a.e2e_only else measure(a)
+    cmd = ["benchmarks.prefill", *(sys.argv[1:] if argv is None else argv)]
+
+    def partial(rows: list[dict[str, Any]], prof: dict[str, dict[str, float]]) -> None:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(render(a, [dict(r) for r in rows], prof, cmd) + "\n(partial: the run is still going)\n")
+
+    rows, prof = ([], {}) if a.e2e_only else measure(a, partial)
     e2e = end_to_end(a.threads) if a.e2e or a.e2e_only else None
-    text = render(a, rows, prof, ["benchmarks.prefill", *(sys.argv[1:] if argv is None else argv)], e2e)
-    publish(a.out, text)
+    publish(a.out, render(a, rows, prof, cmd, e2e))
 
 
 if __name__ == "__main__":
