@@ -162,6 +162,11 @@ class Sparse:
         self.base.tile_reference(t0, t1, out)
         tiles.sparse_outliers_into(self, t0, t1, out)
 
+    def decode_meta(self, keep: list[torch.Tensor]) -> list[int] | None:
+        """How the compiled decode kernel reads this block (``kernels/cpu.py``), None if it cannot."""
+        fn = getattr(self.base, "decode_meta", None)
+        return cpu.sparse_meta(None if fn is None else fn(keep), self.index, self.values, self.shape, keep)
+
     def fused_parts(self, bits: tuple[int, ...]) -> tuple[Stored, Sparse] | None:
         """(packed base, self) for the Triton kernel (``kernels/plan.py``) when it reads the base."""
         fn = getattr(self.base, "fused_parts", None)

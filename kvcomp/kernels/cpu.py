@@ -135,6 +135,20 @@ def packed_meta(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
 def split_meta(colmap: torch.Tensor, h: int, d: int, normal: list[int] | None, special: list[int] | None
                ) -> list[int] | None:
     """Meta row of a channel split: int32 column map ``[H*D]`` and its two parts' (unsplit) rows."""
-    if normal is None or special is None or normal[0] == 2 or special[0] == 2:
+    if normal is None or special is None or normal[0] >= 2 or special[0] >= 2:
         return None
     return [2, colmap.data_ptr(), h, d] + [0] * 12 + normal[:16] + special[:16]
+
+
+def sparse_meta(base: list[int] | None, index: torch.Tensor, values: torch.Tensor,
+                shape: tuple[int, int, int, int], keep: list[torch.Tensor]) -> list[int] | None:
+    """Meta row of a dense-and-sparse block: its (unsplit, unsparse) base's row and its outliers (sorted int32 flat
+    indices into ``[B, H, T, D]``, values), with int32 row pointers ``[B*H*T + 1]`` built here (to ``keep``)."""
+    if base is None or base[0] >= 2 or values.dtype not in DTYPES or index.dtype != torch.int32:
+        return None
+    b, h, t, d = shape
+    bounds = torch.arange(0, b * h * t + 1, dtype=torch.int64, device=index.device) * d
+    rowptr = torch.searchsorted(index, bounds.to(torch.int32), out_int32=True)
+    keep += [rowptr, index.contiguous(), values.contiguous()]
+    return [3, rowptr.data_ptr(), keep[-2].data_ptr(), keep[-1].data_ptr(), DTYPES[values.dtype], h, d, t,
+            *([0] * 8), *base[:16], *([0] * 16)]

@@ -18,7 +18,8 @@ inline float loadf(const void* p, int64_t dt, int64_t i) {
   return static_cast<float>(static_cast<const at::BFloat16*>(p)[i]);
 }
 
-// one source of rows (all heads of one token): meta row of 16 int64 (+16 +16 for a split's two parts)
+// one source of rows (all heads of one token): meta row of 16 int64 (+16 +16 for a split's two parts, +16 for
+// a sparse block's base)
 struct Dec {
   const int64_t* m;
   std::vector<Dec> sub;
@@ -30,13 +31,34 @@ struct Dec {
       sub.emplace_back(meta + 32);
       a.resize(sub[0].width());
       b.resize(sub[1].width());
+    } else if (m[0] == 3) {
+      sub.emplace_back(meta + 16);
     } else if (m[0] == 1) {
       srow.resize(m[6] * m[8]);
       zrow.resize(m[6] * m[8]);
     }
   }
-  int64_t width() const { return m[0] == 1 ? m[6] * m[8] : m[2] * m[3]; }
+  int64_t width() const {
+    switch (m[0]) {
+      case 0: return m[6] * m[7];
+      case 1: return m[6] * m[8];
+      case 2: return m[2] * m[3];
+      default: return m[5] * m[6];
+    }
+  }
   void row(int64_t bi, int64_t t, float* out) {
+    if (m[0] == 3) {  // sparse: row pointers, int32 flat index, values, their dtype, H, D, T; base at +16
+      sub[0].row(bi, t, out);
+      const int32_t* rp = reinterpret_cast<const int32_t*>(m[1]);
+      const int32_t* ix = reinterpret_cast<const int32_t*>(m[2]);
+      const void* vals = reinterpret_cast<const void*>(m[3]);
+      const int64_t H = m[5], D = m[6], T = m[7];
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t r = (bi * H + h) * T + t;
+        for (int32_t k = rp[r]; k < rp[r + 1]; ++k) out[h * D + (ix[k] - r * D)] = loadf(vals, m[4], k);
+      }
+      return;
+    }
     if (m[0] == 0) {  // dense: ptr, dtype, stride b, h, t, H, D
       const void* p = reinterpret_cast<const void*>(m[1]);
       const int64_t H = m[6], D = m[7];

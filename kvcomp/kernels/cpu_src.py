@@ -71,9 +71,13 @@ inline void unpack_row(const uint8_t* codes, int bits, int64_t e0, int64_t D, fl
     }
     return;
   }
+  // a row starting inside a byte (e.g. the normal part of a channel split with an odd width): walk the bits
+  const uint8_t* c = codes + e0 / per;
+  int sh = (int)(e0 % per) * bits;
   for (int64_t d = 0; d < D; ++d) {
-    int64_t e = e0 + d;
-    row[d] = (float)((codes[e / per] >> ((e % per) * bits)) & mask);
+    row[d] = (float)((*c >> sh) & mask);
+    sh += bits;
+    if (sh == 8) { sh = 0; ++c; }
   }
 }
 

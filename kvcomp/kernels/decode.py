@@ -37,18 +37,20 @@ def history_top(history: Any) -> int:
     return max(tops, default=0)
 
 
-def _meta(block: Any) -> torch.Tensor | None:
-    """The block's decode meta row as an int64 tensor, cached on the block (stored blocks never change; a
-    copy the row points into is cached with it)."""
+def _meta(block: Any, keep: list[torch.Tensor]) -> torch.Tensor | None:
+    """The block's decode meta row as an int64 tensor (what it points into goes to ``keep``), cached on the block
+    (stored blocks never change) unless it needed transients built for this call (a sparse block's row
+    pointers: recomputed each step rather than held beside the block, where kv_bytes would not count them)."""
     cached = block.__dict__.get("_decode_meta") if hasattr(block, "__dict__") else None
     if cached is not None:
-        return cached[0]
+        return cached
     fn = getattr(block, "decode_meta", None)
-    keep: list[torch.Tensor] = []
-    row = None if fn is None else fn(keep)
+    mine: list[torch.Tensor] = []
+    row = None if fn is None else fn(mine)
     meta = None if row is None else torch.tensor(row, dtype=torch.int64)
-    if meta is not None and hasattr(block, "__dict__"):
-        block.__dict__["_decode_meta"] = (meta, keep)
+    keep += mine
+    if meta is not None and not mine and hasattr(block, "__dict__"):
+        block.__dict__["_decode_meta"] = meta
     return meta
 
 
@@ -72,7 +74,7 @@ def decode_attention_cpu(query: torch.Tensor, history: Any, new_k: torch.Tensor,
         if pos is None:  # this step's own post-RoPE K/V
             km, vm, rot = _dense(kb, keep), _dense(vb, keep), None
         else:
-            km, vm, rot = _meta(kb), _meta(vb), table
+            km, vm, rot = _meta(kb, keep), _meta(vb, keep), table
             if km is None:  # the tile holds the rotated keys
                 keep.append(kb.tile_into(0, n, torch.empty(b, hkv, n, d), None if rot is None else rope.lookup(pos)))
                 km, rot = _dense(keep[-1], keep), None
