@@ -88,3 +88,20 @@ def test_decode_kernel_equals_materialize_oracle(case: str, b: int) -> None:
     assert got is not None
     want = materialized_attention(layer, q, k, v, torch.arange(layer.seen, layer.seen + 1), 32**-0.5)
     assert (got[0] - want[0]).abs().max() < 1e-4 and (got[1] - want[1]).abs().max() < 1e-4, case
+
+
+@pytest.mark.parametrize("case", ["uniform4", "kvquant_stream", "livekvquant4"])
+def test_shared_beam_rows_equal_the_oracle(case: str) -> None:
+    """Blocks shared by beams (``Rows``) through the decode kernel and the tiled chunk path."""
+    from kvcomp.cache.layer import materialized_attention
+    from kvcomp.kernels.decode import decode_attention_cpu
+
+    layer = build_layer(CASES[case], b=2, hkv=2, d=32, t=200, chunk=64, start=10)
+    layer.select_rows(torch.tensor([1, 0, 1]))
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 4):
+        q, k = torch.randn(3, 6, n, 32, generator=g), torch.randn(3, 2, n, 32, generator=g)
+        want = materialized_attention(layer, q, k, k, torch.arange(layer.seen, layer.seen + n), 32**-0.5)[0]
+        got = (decode_attention_cpu(q, layer.history(), k, k, 32**-0.5, layer.rope) if n == 1 else
+               chunk_attention(q, layer.history(), k, k, 32**-0.5, layer.rope))
+        assert (got[0] - want).abs().max() < 1e-4, (case, n)
