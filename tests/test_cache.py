@@ -103,3 +103,14 @@ def test_unified_compressor_builds_cache(tiny) -> None:
     model, _ = tiny
     comp = COMPRESSORS.build({"name": "unified", "chunk_size": 16}, quantizer=build("kvquant_stream"))
     assert isinstance(comp.new_cache(model), CompressedCache)
+
+
+def test_kv_bytes_reserved_counts_the_storage_behind_held_tensors() -> None:
+    from kvcomp.cache.selfcheck import CASES, build_layer
+
+    layer = build_layer(CASES["uniform4"], t=100, chunk=32)  # a residual sliced out of longer buffers
+    cache = layer.owner
+    stats = cache.get_compression_stats()
+    assert stats["kv_bytes_reserved"] == cache.kv_bytes_reserved >= cache.kv_bytes > 0
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in layer.tensors()}
+    assert cache.kv_bytes_reserved == sum(storages.values())

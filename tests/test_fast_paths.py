@@ -8,8 +8,8 @@ import torch
 
 from kvcomp.cache.packing import pack, pack_float, unpack
 from kvcomp.cache.quant import columns, rest_columns
+from kvcomp.cache.tiles import _unpack_bytes
 from kvcomp.compressor.precision import RunningScores
-from kvcomp.kernels.chunk import _unpack_bytes
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -19,9 +19,9 @@ from test_quant import QUANTIZER_CFGS
 
 from kvcomp.cache.packing import pack, unpack
 from kvcomp.cache.quant import Packed
+from kvcomp.cache.selfcheck import CASES, build_layer, check
 from kvcomp.kernels import decode_attention, resolve
 from kvcomp.kernels.plan import plan
-from kvcomp.kernels.selfcheck import CASES, build_layer, check
 
 TOL = 1e-4  # float32: both sides differ only in summation order
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -119,7 +119,7 @@ def test_triton_kernel_under_interpreter() -> None:
     than once). TRITON_INTERPRET must be set before triton is imported, hence one subprocess for all."""
     code = (
         "import json, sys, torch\n"
-        "from kvcomp.kernels.selfcheck import check\n"
+        "from kvcomp.cache.selfcheck import check\n"
         "out = []\n"
         "for case, kw in json.loads(sys.argv[1]):\n"
         "    kw = {k: getattr(torch, v) if k == 'dtype' else v for k, v in kw.items()}\n"

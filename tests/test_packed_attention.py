@@ -15,9 +15,9 @@ from conftest import REPO, compose
 
 from kvcomp.cache.layer import CompressedLayer, materialized_attention
 from kvcomp.cache.quant import Packed
+from kvcomp.cache.selfcheck import CASES, build_layer
 from kvcomp.kernels import interface
 from kvcomp.kernels.chunk import chunk_attention
-from kvcomp.kernels.selfcheck import CASES, build_layer
 
 TOL = 1e-4  # float32
 METHODS = ("int8", "int4", "kivi", "kvquant_stream", "livekvquant", "prompt_guided", "snapkv", "h2o", "fastkv")
@@ -99,7 +99,8 @@ def test_decode_picks_the_self_checked_triton_kernel() -> None:
         "import torch, warnings\n"
         "from conftest import compose\n"
         "from kvcomp.experiment import build_parts\n"
-        "from kvcomp.kernels import dispatch, triton_decode\n"
+        "from kvcomp.cache import dispatch\n"
+        "from kvcomp.kernels import triton_decode\n"
         "from kvcomp.model import load_model\n"
         "model, _ = load_model({'name': 'tiny_llama', 'source': 'random', 'device': 'cpu', 'dtype': 'float32'})\n"
         "comp = build_parts(compose(['+experiment=kvquant_stream', 'compressor.chunk_size=64'])).compressor\n"

@@ -49,7 +49,7 @@ def test_chunk_kernel_equals_tiled_path_and_oracle() -> None:
     16-token tiles, 32-token splits, 16-outlier steps and 16-row tiles (every loop runs more than once)."""
     code = (
         "import json, sys, torch\n"
-        "from kvcomp.kernels.selfcheck import check_chunk\n"
+        "from kvcomp.cache.selfcheck import check_chunk\n"
         "out = []\n"
         "for case, kw in json.loads(sys.argv[1]):\n"
         "    kw = {k: getattr(torch, v) if k == 'dtype' else v for k, v in kw.items()}\n"
@@ -76,7 +76,8 @@ def test_prefill_chunks_pick_the_self_checked_kernel() -> None:
         "import torch, warnings\n"
         "from conftest import compose\n"
         "from kvcomp.experiment import build_parts\n"
-        "from kvcomp.kernels import dispatch, triton_chunk, triton_decode\n"
+        "from kvcomp.cache import dispatch\n"
+        "from kvcomp.kernels import triton_chunk, triton_decode\n"
         "from kvcomp.model.tiny import tiny_llama\n"
         "model, _ = tiny_llama(hidden_size=192, num_attention_heads=6, num_hidden_layers=2)  # head dim 32, GQA 3:1\n"
         "comp = build_parts(compose(['+experiment=livekvquant', 'compressor.chunk_size=48'])).compressor\n"
@@ -114,7 +115,7 @@ def test_prefill_chunks_pick_the_self_checked_kernel() -> None:
 @needs_triton
 @pytest.mark.parametrize("case", ["uniform2", "uniform4", "uniform8", "kivi2", "livekvquant4", "kvquant_stream"])
 def test_chunk_kernel_cuda(case: str) -> None:
-    from kvcomp.kernels.selfcheck import check_chunk
+    from kvcomp.cache.selfcheck import check_chunk
 
     err = check_chunk(case, "triton", ("tiled", "materialize"), device="cuda", hq=8, d=64, t=300, n=33)
     assert err < TOL, f"{case}: chunk kernel vs tiled path / oracle max abs error {err:.3e}"

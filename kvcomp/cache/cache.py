@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from transformers.cache_utils import Cache
 
+from kvcomp.cache.accounting import reserved_bytes
 from kvcomp.cache.layer import CompressedLayer
 from kvcomp.cache.rope import Rope
 
@@ -86,10 +87,18 @@ class CompressedCache(Cache):
     # -- statistics --------------------------------------------------------------------------------
     @property
     def kv_bytes(self) -> int:
+        """Exact bytes of the tensors held for the stored tokens (codes, scales, outliers, positions, statistics)."""
         return sum(layer.stats()["kv_bytes"] for layer in self.layers)
 
+    @property
+    def kv_bytes_reserved(self) -> int:
+        """Bytes of the storage those tensors keep alive (>= ``kv_bytes`` where a tensor views a larger buffer)."""
+        return sum(reserved_bytes(layer) for layer in self.layers)
+
     def get_compression_stats(self) -> dict[str, Any]:
-        return summarize([layer.stats() for layer in self.layers], self._shape())
+        out = summarize([layer.stats() for layer in self.layers], self._shape())
+        out["kv_bytes_reserved"] = self.kv_bytes_reserved
+        return out
 
     def _shape(self) -> tuple[int, int, int]:
         for layer in self.layers:

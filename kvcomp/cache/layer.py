@@ -18,9 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from kvcomp.cache.accounting import held_tensors, layer_stats, select_state_rows
+from kvcomp.cache.oracle import materialize, materialized_attention
 from kvcomp.cache.rope import Rope
-from kvcomp.cache.storage import Dense, Rows, Stored, nbytes, numel
+from kvcomp.cache.storage import Rows, Stored
 from kvcomp.kernels.chunk import History, chunk_attention, scope
+from kvcomp.kernels.decode import decode_attention_cpu
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer
@@ -125,7 +128,9 @@ class CompressedLayer(CacheLayerMixin):
 
             out, lse = chunk_attention_triton(query, self, key_states, value_states, scale, hist)
         else:
-            out, lse = chunk_attention(query, hist, key_states, value_states, scale, self.rope)
+            fast = decode_attention_cpu(query, hist, key_states, value_states, scale, self.rope) if q_len == 1 else None
+            out, lse = fast if fast is not None else chunk_attention(query, hist, key_states, value_states, scale,
+                                                                     self.rope)
         self._store(key_states, value_states, positions, (query, lse, scale))
         return out
 
@@ -148,35 +153,8 @@ class CompressedLayer(CacheLayerMixin):
     def materialize(self, new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Dequantized history (post-RoPE keys) followed by ``new_k``/``new_v`` as given: ``[B, H, held + q, D]``
-        in the model dtype, written block by block into one buffer (transients stay block-sized)."""
-        kb, vb, pb = list(self.k_blocks), list(self.v_blocks), list(self.pos_blocks)
-        if self.res_k is not None:
-            kb.append(Dense(self.res_k))
-            vb.append(Dense(self.res_v))
-            pb.append(self.res_pos)
-        if not kb:
-            return new_k, new_v
-        held = sum(int(p.numel()) for p in pb)
-        q = 0 if new_k is None else new_k.shape[-2]
-        b, h, _, d = kb[0].shape
-        keys = torch.empty(b, h, held + q, d, dtype=self.dtype, device=self.device)
-        values = torch.empty(b, h, held + q, d, dtype=self.dtype, device=self.device)
-        cos = sin = None
-        if self.rope is not None:
-            cos, sin = self.rope.cos_sin(torch.cat(pb))
-        o = 0
-        for kblk, vblk, p in zip(kb, vb, pb, strict=True):
-            n = int(p.numel())
-            k = kblk.dequantize(self.dtype)
-            if cos is not None:
-                k = self.rope.rotate(k, cos[o : o + n], sin[o : o + n])
-            keys[..., o : o + n, :] = k
-            values[..., o : o + n, :] = vblk.dequantize(self.dtype)
-            o += n
-        if q:
-            keys[..., held:, :] = new_k
-            values[..., held:, :] = new_v
-        return keys, values
+        in the model dtype (``oracle.materialize``)."""
+        return materialize(self, new_k, new_v)
 
     def _append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor | None) -> None:
         if score is None:
@@ -227,49 +205,15 @@ class CompressedLayer(CacheLayerMixin):
         for i, (kb, vb) in self.quantizer.requantize(list(zip(self.k_blocks, self.v_blocks)), self.state).items():
             self.k_blocks[i], self.v_blocks[i] = kb, vb
 
-    # -- accounting ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Bytes and element counts of everything this layer holds."""
-        kb = sum(nbytes(b) for b in self.k_blocks)
-        vb = sum(nbytes(b) for b in self.v_blocks)
-        k_el = sum(numel(b) for b in self.k_blocks)
-        v_el = sum(numel(b) for b in self.v_blocks)
-        if self.res_k is not None:
-            kb += self.res_k.nbytes
-            vb += self.res_v.nbytes
-            k_el += self.res_k.numel()
-            v_el += self.res_v.numel()
-        idx_b = sum(p.nbytes for p in self.pos_blocks)
-        idx_b += sum(t.nbytes for t in (self.res_pos, self.res_score) if t is not None)
-        st_b = sum(t.nbytes for t in _tensors(self.state))
-        outl = sum(b.n_outliers for b in self.k_blocks) + sum(b.n_outliers for b in self.v_blocks)
-        n_sink = self.quantizer.sink_bits()[0] if hasattr(self.quantizer, "sink_bits") else 0
-        sinks = sum(int((p < n_sink).sum()) for p in self.pos_blocks) if n_sink else 0
-        return {
-            "layer": self.layer_idx,
-            "tokens_seen": self.seen,
-            "tokens_held": self.held(),
-            "tokens_dropped": self.dropped,
-            "residual_tokens": 0 if self.res_pos is None else int(self.res_pos.numel()),
-            "key_bytes": kb,
-            "value_bytes": vb,
-            "index_bytes": idx_b,
-            "stats_bytes": st_b,
-            "kv_bytes": kb + vb + idx_b + st_b,
-            "key_elements": k_el,
-            "value_elements": v_el,
-            "outliers": outl,
-            "sink_tokens": sinks,
-            "avg_key_bits": 8 * kb / k_el if k_el else 0.0,
-            "avg_value_bits": 8 * vb / v_el if v_el else 0.0,
-        }
+        """Bytes and element counts of everything this layer holds (``accounting.layer_stats``)."""
+        return layer_stats(self)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor held (for the kv_bytes == sum of nbytes check)."""
-        out = [t for b in self.k_blocks + self.v_blocks for t in b.tensors()] + list(self.pos_blocks)
-        out += [t for t in (self.res_k, self.res_v, self.res_pos, self.res_score) if t is not None]
-        return out + _tensors(self.state)
+        return held_tensors(self)
 
+    # -- accounting ----------------------------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the compressed cache cannot be cropped (assisted decoding is unsupported)")
 
@@ -289,7 +233,7 @@ class CompressedLayer(CacheLayerMixin):
         self.v_blocks = [Rows.of(v, rows) for v in self.v_blocks]
         if self.res_k is not None:
             self.res_k, self.res_v = self.res_k.index_select(0, rows), self.res_v.index_select(0, rows)
-        self.state = _rows(self.state, rows, b)
+        self.state = select_state_rows(self.state, rows, b)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.select_rows(beam_idx)
@@ -301,61 +245,13 @@ class CompressedLayer(CacheLayerMixin):
         self.select_rows(indices)
 
 
-def _rows(obj: Any, rows: torch.Tensor, b: int) -> Any:
-    """Quantizer state with every batch-leading tensor (``[B, ...]``) indexed by ``rows``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.index_select(0, rows.to(obj.device)) if obj.dim() >= 2 and obj.shape[0] == b else obj
-    if isinstance(obj, dict):
-        return {k: _rows(v, rows, b) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_rows(v, rows, b) for v in obj)
-    return obj
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, list | tuple):
-        return [t for v in obj for t in _tensors(v)]
-    return []
-
-
-def materialized_attention(layer: CompressedLayer, query: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
-                           positions: torch.Tensor, scale: float, window: int | None = None,
-                           softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The oracle: whole history dequantized (``materialize``), one float32 softmax with history visible and the
-    new tokens causal (and keys older than ``window`` positions hidden). Returns (out, lse ``[B, Hq, q]``)."""
-    keys, values = layer.materialize(new_k, new_v)
-    b, hq, q, d = query.shape
-    g = hq // keys.shape[1]
-    k = keys.float().repeat_interleave(g, dim=1)
-    v = values.float().repeat_interleave(g, dim=1)
-    held = keys.shape[-2] - q
-    hist_pos = [*layer.pos_blocks, *([layer.res_pos] if layer.res_pos is not None else [])]
-    k_pos = torch.cat([*(p.long() for p in hist_pos), positions.long()]) if held else positions.long()
-    q_pos = positions.long()
-    visible = torch.ones(q, held + q, dtype=torch.bool, device=query.device)
-    visible[:, held:] = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
-    if window:
-        visible &= k_pos[None, :] > q_pos[:, None] - window
-    s = torch.matmul(query.float(), k.transpose(-1, -2)) * scale
-    if softcap:  # Gemma 2: logits soft-capped before the mask, as its eager attention does
-        s = torch.tanh(s / softcap) * softcap
-    s.masked_fill_(~visible, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.matmul(torch.exp(s - lse[..., None]), v)
-    return out.to(query.dtype), lse
-
-
 def _triton_decode(query: torch.Tensor) -> bool:
-    from kvcomp.kernels.dispatch import use_triton_decode  # the kernels package imports this module
+    from kvcomp.cache.dispatch import use_triton_decode
 
     return use_triton_decode(query)
 
 
 def _triton_chunk(query: torch.Tensor) -> bool:
-    from kvcomp.kernels.dispatch import use_triton_chunk
+    from kvcomp.cache.dispatch import use_triton_chunk
 
     return use_triton_chunk(query)

@@ -13,13 +13,16 @@ statistic is outside fp16's range, so huge inputs never turn into Inf/NaN.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from dataclasses import dataclass
 
 import torch
 
+from kvcomp.cache import tiles
 from kvcomp.cache.packing import pack_float, unpack
 from kvcomp.cache.storage import Stored
+from kvcomp.cache.tiles import column_runs
+from kvcomp.kernels import cpu
+from kvcomp.kernels.cpu import NO_ROT
 
 FP16_MAX = 60000.0
 
@@ -75,6 +78,29 @@ class Packed:
     def tensors(self) -> list[torch.Tensor]:
         return [self.codes, self.scale, self.zero]
 
+    def tile_into(self, t0: int, t1: int, out: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+        ops = cpu.on(out)
+        if ops is not None and self.bits in (2, 3, 4, 8):
+            b, h, t, d = self.shape
+            ops.packed_tile(self.codes, self.scale, self.zero, self.bits, b, h, t, d, self.axis == "token",
+                            self.group, t0, out, *(rot or (NO_ROT, NO_ROT)))
+            return out
+        self.tile_reference(t0, t1, out)
+        return tiles.rotate_rows(out, rot)
+
+    def tile_reference(self, t0: int, t1: int, out: torch.Tensor) -> None:
+        tiles.packed_reference(self, t0, t1, out)
+
+    def fused_parts(self, bits: tuple[int, ...]) -> tuple[Packed, None] | None:
+        """(self, no outliers) for the Triton kernel (``kernels/plan.py``) when it reads this width."""
+        return (self, None) if self.bits in bits else None
+
+    def decode_meta(self, keep: list[torch.Tensor]) -> list[int] | None:
+        """How the compiled decode kernel reads this block (``kernels/cpu.py``), None if it cannot."""
+        return cpu.packed_meta(self.codes, self.scale, self.zero, self.bits, self.shape, self.axis == "token",
+                               self.group)
+
     @property
     def width(self) -> int:
         """Bits per element of the block's main storage."""
@@ -126,6 +152,27 @@ class Sparse:
     def tensors(self) -> list[torch.Tensor]:
         return [*self.base.tensors(), self.index, self.values]
 
+    def tile_into(self, t0: int, t1: int, out: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+        self.base.tile_into(t0, t1, out)
+        tiles.sparse_outliers_into(self, t0, t1, out)
+        return cpu.rope_tile(out, rot)
+
+    def tile_reference(self, t0: int, t1: int, out: torch.Tensor) -> None:
+        self.base.tile_reference(t0, t1, out)
+        tiles.sparse_outliers_into(self, t0, t1, out)
+
+    def decode_meta(self, keep: list[torch.Tensor]) -> list[int] | None:
+        """How the compiled decode kernel reads this block (``kernels/cpu.py``), None if it cannot."""
+        fn = getattr(self.base, "decode_meta", None)
+        return cpu.sparse_meta(None if fn is None else fn(keep), self.index, self.values, self.shape, keep)
+
+    def fused_parts(self, bits: tuple[int, ...]) -> tuple[Stored, Sparse] | None:
+        """(packed base, self) for the Triton kernel (``kernels/plan.py``) when it reads the base."""
+        fn = getattr(self.base, "fused_parts", None)
+        inner = None if fn is None else fn(bits)
+        return (inner[0], self) if inner is not None and inner[1] is None else None
+
     @property
     def width(self) -> int:
         return self.base.width
@@ -167,6 +214,39 @@ class ChannelSplit:
     def tensors(self) -> list[torch.Tensor]:
         return [*self.normal.tensors(), *self.special.tensors(), self.cols]
 
+    def column_map(self) -> torch.Tensor:
+        """int32 ``[H*D]``: column ``c`` of the normal part (``c >= 0``) or ``-c - 1`` of the special part."""
+        cm = self.__dict__.get("_colmap")
+        if cm is None:
+            _, h, _, d = self.shape
+            cols = self.cols.long()
+            cm = torch.empty(h * d, dtype=torch.int32, device=cols.device)
+            cm[rest_columns(h * d, cols)] = torch.arange(h * d - cols.numel(), dtype=torch.int32, device=cols.device)
+            cm[cols] = -1 - torch.arange(cols.numel(), dtype=torch.int32, device=cols.device)
+            self.__dict__["_colmap"] = cm
+        return cm
+
+    def tile_into(self, t0: int, t1: int, out: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+        ops = cpu.on(out)
+        if ops is None:
+            self.tile_reference(t0, t1, out)
+            return tiles.rotate_rows(out, rot)
+        b, n = self.shape[0], t1 - t0
+        parts = [p.tile_into(t0, t1, torch.empty(b, 1, n, p.shape[-1], device=out.device))
+                 for p in (self.normal, self.special)]
+        ops.split_tile(parts[0].view(b, n, -1), parts[1].view(b, n, -1), self.column_map(), out,
+                       *(rot or (NO_ROT, NO_ROT)))
+        return out
+
+    def tile_reference(self, t0: int, t1: int, out: torch.Tensor) -> None:
+        tiles.channel_split_reference(self, t0, t1, out)
+
+    def decode_meta(self, keep: list[torch.Tensor]) -> list[int] | None:
+        """How the compiled decode kernel reads this block (``kernels/cpu.py``), None if it cannot."""
+        parts = [getattr(p, "decode_meta", lambda k: None)(keep) for p in (self.normal, self.special)]
+        return cpu.split_meta(self.column_map(), self.shape[1], self.shape[3], *parts)
+
     @property
     def width(self) -> int:
         return self.normal.width
@@ -185,21 +265,6 @@ def columns(x: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     for part, hh, d0, d1, s0 in column_runs(h, d, cols):
         parts[part][:, 0, :, s0 : s0 + d1 - d0].copy_(x[:, hh, :, d0:d1])
     return parts[0], parts[1]
-
-
-def column_runs(h: int, d: int, cols: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
-    """How a ``ChannelSplit`` lays out flat columns ``h * D + d`` (``cols`` sorted ascending: the ``special`` part,
-    the rest in order: ``normal``): (part 0 normal / 1 special, head, first channel, end channel, first column
-    in the part) for each run of columns adjacent in one head and one part."""
-    cl = cols.tolist()
-    special = {col: j for j, col in enumerate(cl)}
-    bounds = sorted({*range(0, h * d + 1, d), *cl, *(x + 1 for x in cl)})
-    runs = []
-    for a, e in zip(bounds, bounds[1:], strict=False):
-        hh, d0 = divmod(a, d)
-        src = special[a] if a in special else a - bisect_left(cl, a)
-        runs.append((int(a in special), hh, d0, d0 + e - a, src))
-    return runs
 
 
 def rest_columns(n: int, cols: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from kvcomp.kernels import cpu
+
 
 @runtime_checkable
 class Stored(Protocol):
@@ -36,6 +38,17 @@ class Stored(Protocol):
         """Bits per element of the block's main storage (16 for an uncompressed block)."""
         ...
 
+    def tile_into(self, t0: int, t1: int, out: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+        """Write tokens ``[t0, t1)`` as float32 into ``out`` ``[B, H, t1 - t0, D]`` (any strides, last dim
+        contiguous), rotated by split-half RoPE ``rot`` = (cos, sin) ``[t1 - t0, D]`` when given: the compiled
+        kernel when built, else ``tile_reference`` + the rotation. Returns ``out``."""
+        ...
+
+    def tile_reference(self, t0: int, t1: int, out: torch.Tensor) -> None:
+        """Plain-torch tile (no rotation): the fallback and the oracle of ``tile_into``."""
+        ...
+
 
 def nbytes(block: Stored) -> int:
     """Bytes really held by ``block``: sum of ``nbytes`` of its tensors."""
@@ -59,6 +72,17 @@ class Dense:
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.data.to(dtype)
+
+    def tile_into(self, t0: int, t1: int, out: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+        return cpu.dense_tile(self.data, t0, t1, out, rot)
+
+    def tile_reference(self, t0: int, t1: int, out: torch.Tensor) -> None:
+        out.copy_(self.data[..., t0:t1, :])
+
+    def decode_meta(self, keep: list[torch.Tensor]) -> list[int] | None:
+        """How the compiled decode kernel reads this block (``kernels/cpu.py``), None if it cannot."""
+        return cpu.dense_meta(self.data, keep)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.data]
@@ -91,6 +115,20 @@ class Rows:
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.base.dequantize(dtype).index_select(0, self.rows)
+
+    def _base_tile(self, t0: int, t1: int, out: torch.Tensor) -> torch.Tensor:
+        _, h, _, d = self.base.shape
+        return torch.empty(self.base.shape[0], h, t1 - t0, d, device=out.device)
+
+    def tile_into(self, t0: int, t1: int, out: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+        tile = self.base.tile_into(t0, t1, self._base_tile(t0, t1, out), rot)
+        return out.copy_(tile.index_select(0, self.rows))
+
+    def tile_reference(self, t0: int, t1: int, out: torch.Tensor) -> None:
+        tile = self._base_tile(t0, t1, out)
+        self.base.tile_reference(t0, t1, tile)
+        out.copy_(tile.index_select(0, self.rows))
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.base.tensors(), self.rows]

@@ -21,9 +21,6 @@ from typing import Any
 
 import torch
 
-from kvcomp.kernels import triton_decode
-from kvcomp.kernels.reference import decode_attention_reference
-
 IMPLS = ("auto", "reference", "triton")
 
 
@@ -32,6 +29,8 @@ def resolve(impl: str, query: torch.Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not a decode attention implementation; allowed: {', '.join(IMPLS)}")
     if impl == "auto":
+        from kvcomp.kernels import triton_decode
+
         return "triton" if query.is_cuda and triton_decode.available() else "reference"
     return impl
 
@@ -43,8 +42,12 @@ def decode_attention(query: torch.Tensor, layer: Any, new_k: torch.Tensor | None
     ``[B, Hkv, q, D]``); ``Hq`` a multiple of the layer's ``Hkv`` (GQA). Returns ``[B, Hq, 1, D]`` in
     ``query.dtype``; ``scale`` defaults to ``D ** -0.5``. ``kw`` go to the chosen implementation."""
     if resolve(impl, query) == "triton":
+        from kvcomp.kernels import triton_decode
+
         return triton_decode.decode_attention_triton(query, layer, new_k, new_v, scale=scale, **kw)
+    from kvcomp.kernels.reference import decode_attention_reference
+
     return decode_attention_reference(query, layer, new_k, new_v, scale=scale, **kw)
 
 
-__all__ = ["IMPLS", "decode_attention", "decode_attention_reference", "resolve"]
+__all__ = ["IMPLS", "decode_attention", "resolve"]

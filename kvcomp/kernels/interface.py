@@ -64,10 +64,10 @@ def use_packed_attention(model: Any, run: Any, impl: str = "tiled") -> Iterator[
     for the duration of the block."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {', '.join(IMPLS)}")
-    from kvcomp.model.arch import text_config
-
     _register()
-    keys = {id(model.config), id(text_config(model))}  # attention modules hold the (text) config
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    keys = {id(cfg), id(text)}  # attention modules hold the (text) config
     if keys & _BOUND.keys():
         raise RuntimeError("this model is already inside a kvcomp compressed run")
     old = model.config._attn_implementation

@@ -18,23 +18,19 @@ from typing import Any
 
 import torch
 
-from kvcomp.cache.quant import Packed, Sparse
-
 NMETA = 18
 FUSED_BITS = (2, 4, 8)
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _parts(block: Any) -> tuple[Packed, Sparse | None] | None:
-    """(packed base, sparse wrapper or None) when the kernel can read ``block``, else None."""
-    sparse = block if isinstance(block, Sparse) else None
-    base = block.base if sparse is not None else block
-    if isinstance(base, Packed) and base.bits in FUSED_BITS:
-        return base, sparse
-    return None
+def _parts(block: Any) -> tuple[Any, Any | None] | None:
+    """(packed base, sparse wrapper or None) when the kernel can read ``block`` (the block says so through its
+    ``fused_parts(FUSED_BITS)``), else None."""
+    fn = getattr(block, "fused_parts", None)
+    return None if fn is None else fn(FUSED_BITS)
 
 
-def _tile_ptrs(sp: Sparse, block_t: int) -> torch.Tensor:
+def _tile_ptrs(sp: Any, block_t: int) -> torch.Tensor:
     """int64 ``[B*H, n_tiles + 1]``: where each ``block_t``-token tile's outliers start in ``sp.index``."""
     b, h, t, d = sp.shape
     rows = torch.arange(b * h, device=sp.index.device).view(-1, 1)
@@ -43,7 +39,7 @@ def _tile_ptrs(sp: Sparse, block_t: int) -> torch.Tensor:
     return torch.searchsorted(sp.index, bounds.to(sp.index.dtype)).view(b * h, -1).to(torch.int64)
 
 
-def _row(keep: list[torch.Tensor], kp: Packed, vp: Packed, ksp: Sparse | None, vsp: Sparse | None,
+def _row(keep: list[torch.Tensor], kp: Any, vp: Any, ksp: Any | None, vsp: Any | None,
          pos: torch.Tensor | None, block_t: int) -> list[int]:
     """One block's table row. Tensors the blocks hold stay theirs (the plan must not keep a reset layer's
     blocks alive); copies made here (non-contiguous inputs, outlier tile pointers) go to ``keep``."""

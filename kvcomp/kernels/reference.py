@@ -21,12 +21,11 @@ from typing import Any
 
 import torch
 
-from kvcomp.cache.rope import rotate
-from kvcomp.cache.storage import Dense, Stored
-from kvcomp.kernels.tiles import dequantize_tokens
+from kvcomp.kernels.chunk import Residual
+from kvcomp.kernels.rotary import rotate
 
 #: (k block, v block, int32 positions [T] or None = do not rotate)
-Segment = tuple[Stored, Stored, "torch.Tensor | None"]
+Segment = tuple[Any, Any, "torch.Tensor | None"]
 
 
 @dataclass
@@ -75,9 +74,9 @@ def segments(layer: Any, new_k: torch.Tensor | None = None, new_v: torch.Tensor 
     for kb, vb, pos in zip(layer.k_blocks, layer.v_blocks, layer.pos_blocks, strict=True):
         yield kb, vb, pos if rot else None
     if layer.res_k is not None:
-        yield Dense(layer.res_k), Dense(layer.res_v), layer.res_pos if rot else None
+        yield Residual(layer.res_k), Residual(layer.res_v), layer.res_pos if rot else None
     if new_k is not None:
-        yield Dense(new_k), Dense(new_v), None
+        yield Residual(new_k), Residual(new_v), None
 
 
 def rope_cos_sin(rope: Any, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,11 +96,13 @@ def attend_segment(state: Softmax, q: torch.Tensor, seg: Segment, rope: Any, til
     for t0 in range(0, t, tile):
         t1 = min(t, t0 + tile)
         n = (t1 - t0) * b * h * d
-        k = dequantize_tokens(kb, t0, t1, ws[0][:n].view(b, h, t1 - t0, d))
+        k = ws[0][:n].view(b, h, t1 - t0, d)
+        kb.tile_reference(t0, t1, k)
         if pos is not None:
             cos, sin = rope_cos_sin(rope, pos[t0:t1])
             k = rotate(k, cos, sin)
-        v = dequantize_tokens(vb, t0, t1, ws[1][:n].view(b, h, t1 - t0, d))
+        v = ws[1][:n].view(b, h, t1 - t0, d)
+        vb.tile_reference(t0, t1, v)
         state.add_scores(torch.matmul(q, k.transpose(-1, -2)), v)
 
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from kvcomp.cache.rope import rotate_half
 from kvcomp.kernels.plan import plan
 from kvcomp.kernels.reference import Softmax, attend_segment, kv_heads, segments, split_query
+from kvcomp.kernels.rotary import rotate_half
 
 try:
     import triton

@@ -6,7 +6,7 @@
 - ``routed``: the model's attention goes through transformers' attention-function registry
   (``ALL_ATTENTION_FUNCTIONS``), which kvcomp's compressed runs attend through (queries for scorers included);
 - ``windows``: each layer's sliding window (``config.layer_types`` + ``sliding_window``), None = full;
-- ``ropes``: one :class:`~kvcomp.cache.rope.Rope` per layer (per layer type when the rotary module takes one),
+- ``ropes``: one :class:`~kvcomp.model.rope.Rope` per layer (per layer type when the rotary module takes one),
   using the model's own ``apply_rotary_pos_emb`` (split-half, interleaved, partial: whatever the model does);
 - ``check``: refuse up front (``ConfigError``, a ``ValueError``) what a method needs and the model lacks.
 """
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from kvcomp.errors import ConfigError
+from kvcomp.model.rope import Rope
 
 ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention")
 Q_NORMS = ("q_norm", "q_layernorm", "query_layernorm")  # norms applied to the queries only (Qwen3, StableLM...)
@@ -133,8 +134,6 @@ def rope_fn(model: Any) -> Any | None:
 
 def ropes(model: Any) -> list[Any] | None:
     """One Rope per decoder layer (shared per layer type), or None if the model has no RoPE kvcomp can drive."""
-    from kvcomp.cache.rope import Rope
-
     rotary, fn = find_rotary(model), rope_fn(model)
     if rotary is None or (fn is None and isinstance(model, torch.nn.Module)):
         return None  # (a stand-in that is no nn.Module, e.g. the kernels' self-check, gets split-half RoPE)

@@ -22,6 +22,9 @@ from kvcomp.kernels import triton_decode
 TOLERANCE = 1e-3
 #: block layouts the self-check covers (packed 2/3/4/8 bit, sparse outliers, channel splits + sinks)
 CHECK_CASES = ("uniform2", "uniform4", "uniform8", "livekvquant4", "kvquant_stream")
+#: the self-checks, ``"decode"`` / ``"chunk"`` -> fn(case, impl, device=..., ...) -> max abs error; ``selfcheck.py``
+#: registers them when the cache package loads (it builds real cache layers, so this module cannot import it)
+CHECKS: dict[str, Callable[..., float]] = {}
 _CHECKED: dict[str, bool] = {}  # decode kernel, per device
 _CHECKED_CHUNK: dict[str, bool] = {}  # prefill-chunk path, per device
 
@@ -53,10 +56,8 @@ def use_triton_decode(query: torch.Tensor) -> bool:
     """Whether this decode ``query`` ``[B, Hq, 1, D]`` goes to the Triton kernel (self-checked once per device)."""
     if query.shape[-2] != 1 or not _wanted(query, "KVCOMP_TRITON_DECODE"):
         return False
-    from kvcomp.kernels.selfcheck import check
-
     return _first_use(_CHECKED, query, "decode kernel",
-                      lambda dev: max(check(c, "triton", device=dev, hq=8) for c in CHECK_CASES))
+                      lambda dev: max(CHECKS["decode"](c, "triton", device=dev, hq=8) for c in CHECK_CASES))
 
 
 def use_triton_chunk(query: torch.Tensor) -> bool:
@@ -64,7 +65,5 @@ def use_triton_chunk(query: torch.Tensor) -> bool:
     device: 9 queries, GQA 3:1, against the tiled path)."""
     if query.shape[-2] < 2 or not _wanted(query, "KVCOMP_TRITON_CHUNK"):
         return False
-    from kvcomp.kernels.selfcheck import check_chunk
-
     return _first_use(_CHECKED_CHUNK, query, "prefill-chunk kernel",
-                      lambda dev: max(check_chunk(c, "triton", device=dev) for c in CHECK_CASES))
+                      lambda dev: max(CHECKS["chunk"](c, "triton", device=dev) for c in CHECK_CASES))

@@ -1,6 +1,6 @@
 """Numerical self-check of the decode paths on real cache layers filled through the real quantizers.
 
-``python -m kvcomp.kernels.selfcheck [--impl reference|triton] [--device cpu|cuda] [--cases a,b] [--chunk N]``
+``python -m kvcomp.selfcheck [--impl reference|triton] [--device cpu|cuda] [--cases a,b] [--chunk N]``
 prints one JSON object ``{case: max_abs_error}``: ``reference`` is compared with the standard path
 (``layer.materialize`` + SDPA with repeated KV heads), ``triton`` with the reference. ``--chunk N``: a prefill
 chunk of ``N`` queries instead of a decode step (``check_chunk``: the Triton chunk path against the tiled path
@@ -11,12 +11,15 @@ kernel runs only under ``TRITON_INTERPRET=1`` (set it before anything imports tr
 
 from __future__ import annotations
 
-import argparse
-import json
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+
+from kvcomp.cache import dispatch
+from kvcomp.cache.cache import CompressedCache
+from kvcomp.cache.layer import materialized_attention
+from kvcomp.kernels.chunk import chunk_attention
 
 #: quantizer configs covering every stored block type: Packed 2/3/4/8 bit on both axes with groups,
 #: Sparse outliers (livekvquant), ChannelSplit + 8-bit sinks (kvquant_stream), post-RoPE keys (kivi)
@@ -56,7 +59,6 @@ def build_layer(qcfg: dict[str, Any], b: int = 1, hkv: int = 2, d: int = 32, t: 
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from kvcomp.cache import CompressedCache
     from kvcomp.registry import QUANTIZERS
 
     cfg = LlamaConfig(hidden_size=d * hkv * 2, num_attention_heads=hkv * 2, num_key_value_heads=hkv, head_dim=d,
@@ -115,8 +117,6 @@ def check_chunk(case: str, impl: str = "triton", against: tuple[str, ...] = ("ti
     built by ``build_layer`` (``t`` tokens + 3 decode steps) plus its own K/V (causal): ``impl`` ("triton":
     ``triton_chunk.chunk_attention_triton`` with ``kw``; "tiled": ``chunk.chunk_attention``) against
     each of ``against`` ("tiled", "materialize": the oracle, whole history dequantized + one float32 softmax)."""
-    from kvcomp.cache.layer import materialized_attention
-    from kvcomp.kernels.chunk import chunk_attention
     from kvcomp.kernels.triton_chunk import chunk_attention_triton
 
     layer = build_layer(CASES[case], b=b, hkv=hkv, d=d, t=t, seed=seed, device=device, dtype=dtype, start=start)
@@ -163,33 +163,4 @@ def compile_for_cuda(arch: int = 90, d: int = 128, block_r: int = 16, **const: A
     return {"ptx_bytes": len(k.asm["ptx"]), "cubin_bytes": len(k.asm["cubin"]), "num_warps": warps}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--impl", default="reference", choices=["reference", "triton"])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--hq", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--start", type=int, default=0, help="absolute position of the first token")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--kernel", default="", help="kernel sizes for --impl triton, e.g. block_t=16,split=32")
-    ap.add_argument("--chunk", type=int, default=0, help="queries of a prefill chunk (0: a decode step)")
-    ap.add_argument("--compile", type=int, default=0, help="only compile the kernel for this sm (e.g. 90), no GPU")
-    args = ap.parse_args(argv)
-    if args.compile:
-        print(json.dumps(compile_for_cuda(args.compile)))
-        return
-    kw = {k: int(v) for k, v in (x.split("=") for x in args.kernel.split(",") if x)}
-    dt = getattr(torch, args.dtype)
-    if args.chunk:
-        impl, against = ("triton", ("tiled", "materialize")) if args.impl == "triton" else ("tiled", ("materialize",))
-        out = {c: check_chunk(c, impl, against, args.device, b=args.batch, hq=args.hq, n=args.chunk, dtype=dt,
-                              start=args.start, **kw) for c in args.cases.split(",")}
-    else:
-        out = {c: check(c, args.impl, args.device, b=args.batch, hq=args.hq, dtype=dt, start=args.start, **kw)
-               for c in args.cases.split(",")}
-    print(json.dumps(out))
-
-
-if __name__ == "__main__":
-    main()
+dispatch.CHECKS.update(decode=check, chunk=check_chunk)

@@ -1,0 +1,56 @@
+"""The compiled CPU decode kernel alone, on one layer of SmolLM2-135M's shape, against SDPA over a full fp32 cache.
+
+    python -m benchmarks.decode_kernel [--tokens 8192] [--repeats 10]
+
+A layer (3 KV heads, D = 64, 512-token blocks of random data through the real quantizers,
+``kvcomp.cache.selfcheck.build_layer``) is attended by one decode query of 9 heads
+(``kvcomp.kernels.decode.decode_attention_cpu``); the full cache is ``scaled_dot_product_attention`` over fp32
+K/V with the KV heads repeated, as the model's sdpa path does. Torch at 1 thread; the clock is this thread's
+CPU time (robust to other jobs on a shared machine), min of ``--repeats``. Prints one line per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+ROWS = {"int4": {"name": "uniform", "key_bits": 4, "value_bits": 4, "key_group_size": 32, "value_group_size": 32},
+        "kvquant_stream": {"name": "kvquant_stream"}, "livekvquant": {"name": "livekvquant"}}
+
+
+def cpu_ms(f: Callable[[], object], repeats: int) -> float:
+    f()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        f()
+        best = min(best, 1000 * (time.thread_time() - t0))
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kvcomp.cache.selfcheck import build_layer
+    from kvcomp.kernels.decode import decode_attention_cpu
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.decode_kernel", description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--repeats", type=int, default=10)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    q, nk = torch.randn(1, 9, 1, 64, generator=g), torch.randn(1, 3, 1, 64, generator=g)
+    for name, cfg in ROWS.items():
+        layer = build_layer(cfg, b=1, hkv=3, d=64, t=a.tokens, chunk=512, decode=0)
+        hist = layer.history()
+        ms = cpu_ms(lambda h=hist, r=layer.rope: decode_attention_cpu(q, h, nk, nk, 0.125, r), a.repeats)
+        print(f"{name}: decode kernel {ms:.2f} ms per layer-step ({a.tokens} tokens, 1 thread, CPU time)")
+    k, v = torch.randn(1, 9, a.tokens, 64), torch.randn(1, 9, a.tokens, 64)
+    ms = cpu_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), a.repeats)
+    print(f"full cache: sdpa {ms:.2f} ms per layer-step ({a.tokens} tokens, 1 thread, CPU time)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""C++ source of the compiled CPU kernels (``cpu.py`` builds it once with ``torch.utils.cpp_extension``).
+
+Every kernel writes float32 rows ``out[b, h, j, :]`` (``out`` ``[B, H, n, D]``, any strides, last dim
+contiguous) for tokens ``t0 + j`` of a stored block, optionally rotated by split-half RoPE
+``x*cos + rotate_half(x)*sin`` with ``cos``/``sin`` ``[n, D]`` float32 (empty = no rotation), all in one pass:
+
+- ``packed_tile``: bit-packed codes (2/3/4/8 bit, ``kvcomp.cache.quant.Packed``; addressing of ``tiles.py``)
+  with fp16/fp32 scale and zero per token group or per channel group, ``x = code * scale + zero``;
+- ``dense_tile``: a full-precision / fp16 block;
+- ``split_tile``: a ``ChannelSplit`` tile from its two dequantized parts ``[B, n, N_normal]`` /
+  ``[B, n, N_special]`` and an int32 column map ``[H*D]`` (``c >= 0``: normal column ``c``; ``c < 0``: special
+  column ``-c - 1``);
+- ``rope_tile``: the rotation alone, in place;
+- ``decode_partial``: one decode step's attention straight from a block pair's codes (``decode.py``): each
+  thread decodes rows of its share of the tokens (dense / packed / channel-split sources described by
+  ``cpu.py``'s int64 meta rows), applies RoPE in registers, and keeps an online softmax per query head;
+  the threads' partial (max, sum, accumulator) are merged into the running state in place.
+"""
+
+from kvcomp.kernels.cpu_decode_src import DECODE_SOURCE
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// rows (of D elements) per thread at least: smaller tiles run on the calling thread (a parallel region costs
+// more than it saves there, and far more on a loaded machine)
+constexpr int64_t GRAIN = 4096;
+
+template <typename S>
+inline float tof(S x) { return static_cast<float>(x); }
+
+inline void unpack_row(const uint8_t* codes, int bits, int64_t e0, int64_t D, float* row) {
+  if (bits == 8) {
+    const uint8_t* c = codes + e0;
+    for (int64_t d = 0; d < D; ++d) row[d] = (float)c[d];
+    return;
+  }
+  if (bits == 3) {
+    for (int64_t d = 0; d < D; ++d) {
+      int64_t e = e0 + d, w = (e / 8) * 3;
+      uint32_t word = codes[w] | ((uint32_t)codes[w + 1] << 8) | ((uint32_t)codes[w + 2] << 16);
+      row[d] = (float)((word >> ((e % 8) * 3)) & 7u);
+    }
+    return;
+  }
+  const int per = 8 / bits;
+  const uint32_t mask = (1u << bits) - 1u;
+  if (e0 % per == 0 && D % per == 0) {
+    const uint8_t* c = codes + e0 / per;
+    if (bits == 4) {
+      for (int64_t k = 0; k < D / 2; ++k) {
+        uint8_t byte = c[k];
+        row[2 * k] = (float)(byte & 15u);
+        row[2 * k + 1] = (float)(byte >> 4);
+      }
+    } else {
+      for (int64_t k = 0; k < D / 4; ++k) {
+        uint8_t byte = c[k];
+        row[4 * k] = (float)(byte & 3u);
+        row[4 * k + 1] = (float)((byte >> 2) & 3u);
+        row[4 * k + 2] = (float)((byte >> 4) & 3u);
+        row[4 * k + 3] = (float)(byte >> 6);
+      }
+    }
+    return;
+  }
+  // a row starting inside a byte (e.g. the normal part of a channel split with an odd width): walk the bits
+  const uint8_t* c = codes + e0 / per;
+  int sh = (int)(e0 % per) * bits;
+  for (int64_t d = 0; d < D; ++d) {
+    row[d] = (float)((*c >> sh) & mask);
+    sh += bits;
+    if (sh == 8) { sh = 0; ++c; }
+  }
+}
+
+inline void write_row(const float* row, int64_t D, float* o, const float* cs, const float* sn) {
+  if (cs == nullptr) {
+    for (int64_t d = 0; d < D; ++d) o[d] = row[d];
+    return;
+  }
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < h; ++d) {
+    o[d] = row[d] * cs[d] - row[d + h] * sn[d];
+    o[d + h] = row[d + h] * cs[d + h] + row[d] * sn[d + h];
+  }
+}
+
+template <typename S>
+void packed_impl(const uint8_t* codes, const S* sc, const S* ze, int bits, int64_t B, int64_t H, int64_t T,
+                 int64_t D, bool tok, int64_t group, int64_t ng, int64_t t0, int64_t n, float* out, int64_t ob,
+                 int64_t oh, int64_t ot, const float* cs, const float* sn) {
+  const int64_t BH = B * H;
+  at::parallel_for(0, BH * n, GRAIN, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D), srow(D), zrow(D);
+    int64_t last = -1;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bh = i / n, j = i % n, t = t0 + j;
+      unpack_row(codes, bits, (bh * T + t) * D, D, row.data());
+      if (tok) {
+        const S* s = sc + (bh * T + t) * ng;
+        const S* z = ze + (bh * T + t) * ng;
+        for (int64_t g = 0; g < ng; ++g) {
+          const float sg = tof(s[g]), zg = tof(z[g]);
+          const int64_t d1 = std::min(D, (g + 1) * group);
+          for (int64_t d = g * group; d < d1; ++d) row[d] = row[d] * sg + zg;
+        }
+      } else {
+        const int64_t g = t / group, key = bh * ng + g;
+        if (key != last) {
+          for (int64_t d = 0; d < D; ++d) {
+            srow[d] = tof(sc[(bh * D + d) * ng + g]);
+            zrow[d] = tof(ze[(bh * D + d) * ng + g]);
+          }
+          last = key;
+        }
+        for (int64_t d = 0; d < D; ++d) row[d] = row[d] * srow[d] + zrow[d];
+      }
+      float* o = out + (bh / H) * ob + (bh % H) * oh + j * ot;
+      write_row(row.data(), D, o, cs ? cs + j * D : nullptr, sn ? sn + j * D : nullptr);
+    }
+  });
+}
+
+const float* opt(const torch::Tensor& x) { return x.numel() ? x.data_ptr<float>() : nullptr; }
+
+}  // namespace
+
+void packed_tile(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t bits, int64_t B, int64_t H,
+                 int64_t T, int64_t D, bool tok, int64_t group, int64_t t0, torch::Tensor out, torch::Tensor cos,
+                 torch::Tensor sin) {
+  const int64_t n = out.size(2);
+  const int64_t ng = scale.numel() / (B * H * (tok ? T : D));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scale.scalar_type(), "packed_tile", [&] {
+    packed_impl<scalar_t>(codes.data_ptr<uint8_t>(), scale.data_ptr<scalar_t>(), zero.data_ptr<scalar_t>(),
+                          (int)bits, B, H, T, D, tok, group, ng, t0, n, out.data_ptr<float>(), out.stride(0),
+                          out.stride(1), out.stride(2), opt(cos), opt(sin));
+  });
+}
+
+void dense_tile(torch::Tensor src, int64_t t0, torch::Tensor out, torch::Tensor cos, torch::Tensor sin) {
+  const int64_t B = out.size(0), H = out.size(1), n = out.size(2), D = out.size(3);
+  const float* cs = opt(cos);
+  const float* sn = opt(sin);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "dense_tile", [&] {
+    const scalar_t* x = src.data_ptr<scalar_t>();
+    const int64_t sb = src.stride(0), sh = src.stride(1), st = src.stride(2), sd = src.stride(3);
+    float* o = out.data_ptr<float>();
+    const int64_t ob = out.stride(0), oh = out.stride(1), ot = out.stride(2);
+    at::parallel_for(0, B * H * n, GRAIN, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(D);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t bh = i / n, j = i % n, b = bh / H, h = bh % H;
+        const scalar_t* r = x + b * sb + h * sh + (t0 + j) * st;
+        for (int64_t d = 0; d < D; ++d) row[d] = tof(r[d * sd]);
+        write_row(row.data(), D, o + b * ob + h * oh + j * ot, cs ? cs + j * D : nullptr, sn ? sn + j * D : nullptr);
+      }
+    });
+  });
+}
+
+void split_tile(torch::Tensor normal, torch::Tensor special, torch::Tensor colmap, torch::Tensor out,
+                torch::Tensor cos, torch::Tensor sin) {
+  const int64_t B = out.size(0), H = out.size(1), n = out.size(2), D = out.size(3);
+  const int64_t nn = normal.size(2), ns = special.size(2);
+  const float* a = normal.data_ptr<float>();
+  const float* s = special.data_ptr<float>();
+  const int32_t* cm = colmap.data_ptr<int32_t>();
+  const float* cs = opt(cos);
+  const float* sn = opt(sin);
+  float* o = out.data_ptr<float>();
+  const int64_t ob = out.stride(0), oh = out.stride(1), ot = out.stride(2);
+  at::parallel_for(0, B * H * n, GRAIN, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bh = i / n, j = i % n, b = bh / H, h = bh % H;
+      const float* ar = a + (b * n + j) * nn;
+      const float* sr = s + (b * n + j) * ns;
+      const int32_t* c = cm + h * D;
+      for (int64_t d = 0; d < D; ++d) row[d] = c[d] >= 0 ? ar[c[d]] : sr[-c[d] - 1];
+      write_row(row.data(), D, o + b * ob + h * oh + j * ot, cs ? cs + j * D : nullptr, sn ? sn + j * D : nullptr);
+    }
+  });
+}
+
+void rope_tile(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  const int64_t B = x.size(0), H = x.size(1), n = x.size(2), D = x.size(3);
+  float* p = x.data_ptr<float>();
+  const int64_t xb = x.stride(0), xh = x.stride(1), xt = x.stride(2);
+  const float* cs = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+  at::parallel_for(0, B * H * n, GRAIN, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bh = i / n, j = i % n;
+      float* r = p + (bh / H) * xb + (bh % H) * xh + j * xt;
+      for (int64_t d = 0; d < D; ++d) row[d] = r[d];
+      write_row(row.data(), D, r, cs + j * D, sn + j * D);
+    }
+  });
+}
+"""
+
+FUNCTIONS = ["packed_tile", "dense_tile", "split_tile", "rope_tile", "decode_partial"]
+#: the whole extension: these shared helpers and tile kernels, then the decode kernel (``cpu_decode_src.py``)
+SOURCE = SOURCE + DECODE_SOURCE

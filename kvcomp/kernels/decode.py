@@ -1,0 +1,90 @@
+"""One decode step's attention on the CPU straight from the packed codes (``cpu_src.py`` ``decode_partial``).
+
+For one query step ``q`` ``[B, Hq, 1, D]`` over a layer's history (``chunk.History``) and this step's own
+post-RoPE ``new_k``/``new_v`` ``[B, Hkv, 1, D]``::
+
+    out = softmax([q·K_hist^T | q·k_new] * scale) @ [V_hist | v_new]
+
+Each stored block pair describes itself to the kernel (``decode_meta``: dense, packed, or channel-split
+rows); the kernel decodes K rows in registers, re-applies RoPE at the stored positions (cos/sin rows of the
+rope's table), scores the ``G`` query heads of each KV head, and folds V rows into an online softmax, the
+block's tokens split over the threads (flash-decoding), the partial states merged in place. A block the kernel
+cannot read (sparse outliers, shared beam rows, another storage type) is first written as a float32 tile by
+its own ``tile_into`` and read as a dense source. Returns (out ``[B, Hq, 1, D]``, lse ``[B, Hq, 1]``), or None
+where the kernels are off or the model's RoPE is not the split-half rotation (the tiled path runs instead).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvcomp.kernels import cpu
+from kvcomp.kernels.cpu import NO_ROT
+
+NO_POS = torch.empty(0, dtype=torch.int32)
+
+
+def _dense(x: torch.Tensor, keep: list[torch.Tensor]) -> torch.Tensor | None:
+    row = cpu.dense_meta(x, keep)
+    return None if row is None else torch.tensor(row, dtype=torch.int64)
+
+
+def history_top(history: Any) -> int:
+    """1 + the largest stored position (the rope table must reach it)."""
+    tops = [int(p.max()) + 1 for _, _, p in history.segments() if p.numel()]
+    return max(tops, default=0)
+
+
+def _meta(block: Any, keep: list[torch.Tensor]) -> torch.Tensor | None:
+    """The block's decode meta row as an int64 tensor (what it points into goes to ``keep``), cached on the block
+    (stored blocks never change) unless it needed transients built for this call (a sparse block's row
+    pointers: recomputed each step rather than held beside the block, where kv_bytes would not count them)."""
+    cached = block.__dict__.get("_decode_meta") if hasattr(block, "__dict__") else None
+    if cached is not None:
+        return cached
+    fn = getattr(block, "decode_meta", None)
+    mine: list[torch.Tensor] = []
+    row = None if fn is None else fn(mine)
+    meta = None if row is None else torch.tensor(row, dtype=torch.int64)
+    keep += mine
+    if meta is not None and not mine and hasattr(block, "__dict__"):
+        block.__dict__["_decode_meta"] = meta
+    return meta
+
+
+@torch.no_grad()
+def decode_attention_cpu(query: torch.Tensor, history: Any, new_k: torch.Tensor, new_v: torch.Tensor, scale: float,
+                         rope: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ops = cpu.on(query)
+    b, hq, q_len, d = query.shape
+    hkv = new_k.shape[1]
+    if ops is None or q_len != 1 or (rope is not None and not rope.split_half(d)):
+        return None
+    g = hq // hkv
+    q = (query.float().reshape(b, hkv, g, d) * scale).contiguous()
+    m = torch.full((b, hkv, g), float("-inf"))
+    l, acc = torch.zeros(b, hkv, g), torch.zeros(b, hkv, g, d)
+    table = rope.table(history_top(history)) if rope is not None else None
+    segs = [*history.segments(), (new_k, new_v, None)]
+    for kb, vb, pos in segs:
+        keep: list[torch.Tensor] = []
+        n = int(kb.shape[2])
+        if pos is None:  # this step's own post-RoPE K/V
+            km, vm, rot = _dense(kb, keep), _dense(vb, keep), None
+        else:
+            km, vm, rot = _meta(kb, keep), _meta(vb, keep), table
+            if km is None:  # the tile holds the rotated keys
+                keep.append(kb.tile_into(0, n, torch.empty(b, hkv, n, d), None if rot is None else rope.lookup(pos)))
+                km, rot = _dense(keep[-1], keep), None
+            if vm is None:
+                keep.append(vb.tile_into(0, n, torch.empty(b, hkv, n, d)))
+                vm = _dense(keep[-1], keep)
+        if km is None or vm is None:
+            return None
+        cos, sin = rot if rot is not None else (NO_ROT, NO_ROT)
+        p32 = pos if rot is not None and pos.dtype == torch.int32 else (NO_POS if rot is None else pos.to(torch.int32))
+        ops.decode_partial(q, km, vm, 0, n, p32, cos, sin, m, l, acc)
+    out = (acc / l[..., None]).reshape(b, hq, 1, d).to(query.dtype)
+    return out, (m + torch.log(l)).reshape(b, hq, 1)

@@ -1,0 +1,107 @@
+"""The compiled CPU kernels (kvcomp/kernels/cpu.py) equal their plain-torch references on every stored block type,
+and a build failure falls back to the torch path with one warning line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from kvcomp.cache.selfcheck import CASES, build_layer
+from kvcomp.kernels import cpu
+from kvcomp.kernels.chunk import chunk_attention
+
+pytestmark = pytest.mark.skipif(cpu.ops() is None, reason="the compiled CPU kernels could not be built here")
+
+
+def _blocks(layer):
+    return [*layer.k_blocks, *layer.v_blocks]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tile_into_equals_reference_on_every_block(case: str) -> None:
+    layer = build_layer(CASES[case], b=2, hkv=2, d=32, t=100, chunk=32)
+    assert _blocks(layer), case
+    g = torch.Generator().manual_seed(0)
+    for block in _blocks(layer):
+        b, h, t, d = block.shape
+        for t0, t1 in ((0, t), (1, max(2, t // 2)), (t - 1, t)):
+            want = torch.empty(b, h, t1 - t0, d)
+            block.tile_reference(t0, t1, want)
+            ws = torch.full((b, h, t1 - t0 + 3, d), float("nan"))  # a strided workspace slot
+            got = block.tile_into(t0, t1, ws[:, :, 1 : 1 + t1 - t0])
+            assert torch.allclose(got, want, atol=1e-6, rtol=0), (case, type(block).__name__, t0, t1)
+            cos, sin = torch.randn(t1 - t0, d, generator=g), torch.randn(t1 - t0, d, generator=g)
+            rot = block.tile_into(t0, t1, torch.empty(b, h, t1 - t0, d), (cos, sin))
+            assert torch.allclose(rot, cpu.rotate_rows(want.clone(), (cos, sin)), atol=1e-5), (case, t0, t1)
+
+
+@pytest.mark.parametrize("case", ["uniform4", "kvquant_stream", "livekvquant4", "kivi2"])
+def test_chunk_attention_same_with_and_without_kernels(case: str, monkeypatch) -> None:
+    layer = build_layer(CASES[case], b=1, hkv=2, d=32, t=90, chunk=32, start=5000)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 5, 32, generator=g)
+    k, v = torch.randn(1, 2, 5, 32, generator=g), torch.randn(1, 2, 5, 32, generator=g)
+    fast = chunk_attention(q, layer.history(), k, v, 32**-0.5, layer.rope)
+    monkeypatch.setenv("KVCOMP_CPU_KERNELS", "0")
+    slow = chunk_attention(q, layer.history(), k, v, 32**-0.5, layer.rope)
+    assert torch.allclose(fast[0], slow[0], atol=1e-5) and torch.allclose(fast[1], slow[1], atol=1e-5)
+
+
+def test_failed_build_warns_once_and_uses_torch() -> None:
+    code = (
+        "import warnings, torch\n"
+        "from kvcomp.kernels import cpu\n"
+        "def boom():\n    raise OSError('no compiler here')\n"
+        "cpu._build = boom\n"
+        "from kvcomp.cache.selfcheck import CASES, build_layer\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    layer = build_layer(CASES['uniform4'])\n"
+        "    from kvcomp.kernels.chunk import chunk_attention\n"
+        "    q = torch.randn(1, 4, 3, 32); k = torch.randn(1, 2, 3, 32)\n"
+        "    chunk_attention(q, layer.history(), k, k, 0.2, layer.rope)\n"
+        "    chunk_attention(q, layer.history(), k, k, 0.2, layer.rope)\n"
+        "msgs = [str(x.message) for x in w if 'compiled CPU kernels' in str(x.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "print(msgs[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "no compiler here" in out.stdout and "plain-torch path" in out.stdout
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("b", [1, 2])
+def test_decode_kernel_equals_materialize_oracle(case: str, b: int) -> None:
+    from kvcomp.cache.layer import materialized_attention
+    from kvcomp.kernels.decode import decode_attention_cpu
+
+    layer = build_layer(CASES[case], b=b, hkv=2, d=32, t=300, chunk=64, start=1000)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(b, 6, 1, 32, generator=g)
+    k, v = torch.randn(b, 2, 1, 32, generator=g), torch.randn(b, 2, 1, 32, generator=g)
+    got = decode_attention_cpu(q, layer.history(), k, v, 32**-0.5, layer.rope)
+    assert got is not None
+    want = materialized_attention(layer, q, k, v, torch.arange(layer.seen, layer.seen + 1), 32**-0.5)
+    assert (got[0] - want[0]).abs().max() < 1e-4 and (got[1] - want[1]).abs().max() < 1e-4, case
+
+
+@pytest.mark.parametrize("case", ["uniform4", "kvquant_stream", "livekvquant4"])
+def test_shared_beam_rows_equal_the_oracle(case: str) -> None:
+    """Blocks shared by beams (``Rows``) through the decode kernel and the tiled chunk path."""
+    from kvcomp.cache.layer import materialized_attention
+    from kvcomp.kernels.decode import decode_attention_cpu
+
+    layer = build_layer(CASES[case], b=2, hkv=2, d=32, t=200, chunk=64, start=10)
+    layer.select_rows(torch.tensor([1, 0, 1]))
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 4):
+        q, k = torch.randn(3, 6, n, 32, generator=g), torch.randn(3, 2, n, 32, generator=g)
+        want = materialized_attention(layer, q, k, k, torch.arange(layer.seen, layer.seen + n), 32**-0.5)[0]
+        got = (decode_attention_cpu(q, layer.history(), k, k, 32**-0.5, layer.rope) if n == 1 else
+               chunk_attention(q, layer.history(), k, k, 32**-0.5, layer.rope))
+        assert (got[0] - want).abs().max() < 1e-4, (case, n)
