@@ -22,7 +22,7 @@ LAYERS = {
     "a run's config": ["plan", "registry", "fields", "errors", "metrics", "stats", "envinfo", "interrupt"],
     "one prompt": ["session", "fidelity", "profiler", "masks"],
     "components": ["compressor", "quantizer", "scorer", "propagator", "task", "logger", "sweep"],
-    "storage and kernels": ["cache", "kernels", "model", "data"],
+    "storage and kernels": ["cache", "kernels", "model", "data", "selfcheck"],
 }
 
 
