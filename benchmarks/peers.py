@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--ppl-ctx", type=int, default=2048)
     p.add_argument("--ppl-cont", type=int, default=256)
     p.add_argument("--only", nargs="*", default=None, help="run rows whose name contains one of these")
+    p.add_argument("--exact", action="store_true", help="--only names whole row names, not parts of them")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--resume", action="store_true", help="reuse rows finished by an earlier run with the same spec")
     a = p.parse_args(argv)
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "ppl": ppl_windows(tok, a.ppl_windows, a.ppl_ctx, a.ppl_cont)}
     rows = rows_for(a.ratios)
     if a.only:
-        rows = [r for r in rows if r["system"] == "full" or any(o in r["name"] for o in a.only)]
+        rows = [r for r in rows if r["system"] == "full" or any(o == r["name"] if a.exact else o in r["name"]
+                                                                 for o in a.only)]
     table: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for row in rows:

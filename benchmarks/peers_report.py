@@ -160,7 +160,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, head: str) -> None:
             "position ids (as kvpress's pipeline does), so evicting caches keep their RoPE positions.\n\n"
             + table(rows, COLS) + "\n\nSame-prompt check:\n" + identity_check(rows)
             + "\n\nEqual bytes, paired over the same samples (95 % bootstrap interval of the score difference):\n"
-            + equal_bytes_verdicts(rows) + "\n\nGoals:\n" + goals(rows) + "\n"
+            + equal_bytes_verdicts(rows) + "\n\nGoals (kvcomp vs the peers):\n" + goals(rows) + "\n"
             + (f"\nFailed rows:\n{errors}\n" if errors else ""))
     (out_dir / "peers.md").write_text(text)
     with (out_dir / "peers.csv").open("w", newline="") as f:
