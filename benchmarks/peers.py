@@ -67,7 +67,7 @@ def rows_for(ratios: list[float]) -> list[dict[str, Any]]:
     for m in ("kvquant_stream", "livekvquant"):
         rows.append({"name": f"kvcomp {m}", "system": "kvcomp", "env": "main",
                      "params": {"system": "kvcomp", "method": m}})
-    # question=end honestly timed: every token held at 4 bits while streaming, the end pass drops 30 % (issue 17)
+    # question=end honestly timed: every token held at 4 bits while streaming, the end pass drops 30 %
     rows.append({"name": "kvcomp prompt_guided_end (question=end, 4-bit, end drops)", "system": "kvcomp",
                  "env": "main", "params": {"system": "kvcomp", "method": "prompt_guided_end"}})
     return rows
