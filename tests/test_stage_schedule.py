@@ -92,3 +92,25 @@ def test_stage_layer_ratio_keeps_the_share_and_the_prompt_end(tiny) -> None:
             assert set(range(T - prot, T)) <= {int(p) for p in pos}
         s.step(ids[:, :1])  # decode runs every layer at the next absolute position
         assert all(int(layer.held_positions()[-1]) == T for layer in s.cache.layers)
+
+
+def test_budget_at_end_keeps_the_share_of_each_layer(tiny) -> None:
+    """precision.budget_at=end: nothing dropped while streaming; at the prompt end each layer keeps
+    keep_ratio of what it holds, the observation window (last 32 queries' tokens) and the sinks among them."""
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, T), generator=torch.Generator().manual_seed(5))
+    comp = COMPRESSORS.build({"name": "unified", "chunk_size": CHUNK,
+                              "precision": {"mode": "budget", "keep_ratio": 0.5, "budget_at": "end"}},
+                             quantizer=QUANTIZERS.build({"name": "uniform", "key_bits": 16, "value_bits": 16,
+                                                         "pre_rope": False}),
+                             propagator=PROPAGATORS.build({"name": "fastkv_tsp", "tsp_rate": 0.4}),
+                             scorer=SCORERS.build({"name": "snapkv"}))
+    with comp.session(model) as s:
+        s.prefill(ids)
+    for i, layer in enumerate(s.cache.layers):
+        carried = T if i <= 2 else int(0.4 * T)
+        pos = {int(p) for p in layer.held_positions()}
+        assert len(pos) == round(0.5 * carried), i
+        window = 32 if i <= 2 else 8  # past the TSP layer only FastKV's window is carried contiguously
+        assert set(range(T - window, T)) <= pos
+        assert i > 2 or set(range(4)) <= pos  # the sinks, where they were carried
