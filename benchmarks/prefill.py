@@ -41,7 +41,16 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("livekvquant", "livekvquant", []),
     ("prompt_guided", "prompt_guided", []),
     ("fastkv", "fastkv", []),
+    ("fastkv, tsp_rate=0.4", "fastkv", ["propagation.tsp_rate=0.4"]),
+    ("prompt_guided, question=end", "prompt_guided", ["compressor.question=end"]),
+    ("prompt_guided_end (no propagation)", "prompt_guided_end", []),
+    ("prompt_guided, schedule=chunk", "prompt_guided", ["propagation.schedule=chunk"]),
+    ("fastkv, schedule=chunk (per-chunk budget, fp32 store)", "fastkv",
+     ["propagation.schedule=chunk", "compressor.precision.budget_at=stream", "quantizer=none"]),
 ]
+BOUNDARY: dict[int, int] = {}  # id(compressor) -> peak bytes of its stage boundary (last prefill)
+#: rows every run keeps (the ratios' denominators)
+BASE_ROWS = ("full cache", "fp chunked 512 (kvcomp store, split attention)")
 SCOPES = {"attention": ("kvcomp::attend", "aten::scaled_dot_product_attention"),
           "dequantize": ("kvcomp::dequantize",), "quantize/pack": ("kvcomp::quantize",), "RoPE": ("kvcomp::rope",),
           "scoring": ("kvcomp::score",), "linear": ("aten::linear",)}
@@ -56,11 +65,14 @@ def compressor(exp: str, extra: list[str]) -> Any:
 @torch.inference_mode()
 def run_once(model: Any, comp: Any, ids: torch.Tensor, qids: torch.Tensor, decode: int
              ) -> tuple[float, float | None]:
-    """(prefill seconds, median decode ms/token over ``decode`` greedy steps right after it)."""
+    """(prefill seconds, median decode ms/token over ``decode`` greedy steps right after it); a stage-schedule
+    row's peak boundary bytes (``Session.stats``) go to ``BOUNDARY[id(comp)]``."""
     with comp.session(model, qids) as s:
         t0 = time.perf_counter()
         logits = s.prefill(ids)
         dt = time.perf_counter() - t0
+        if s.schedule is not None:
+            BOUNDARY[id(comp)] = s.schedule.boundary_bytes
         steps = []
         nxt = logits.argmax(-1)[:, None]
         for _ in range(decode):
@@ -88,6 +100,12 @@ def profile(model: Any, comp: Any, ids: torch.Tensor, qids: torch.Tensor) -> dic
 
 
 def measure(a: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    global ROWS
+    if a.rows:
+        unknown = [r for r in a.rows if r not in {x[0] for x in ROWS}]
+        if unknown:
+            raise SystemExit(f"error: --rows {unknown[0]!r} is not one of: {', '.join(x[0] for x in ROWS)}")
+        ROWS = [x for x in ROWS if x[0] in BASE_ROWS or x[0] in a.rows]
     torch.set_num_threads(a.threads)
     model, tok, _ = load("full_cache")
     qids = torch.tensor([tok(QUESTION, add_special_tokens=False)["input_ids"]])
@@ -116,6 +134,10 @@ def measure(a: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict
                  "decode_ms": median(dec[label]) if dec[label] else None}
             r["ratio"] = r["prefill_s"] / full
             r["decode_ratio"] = r["decode_ms"] / full_dec if r["decode_ms"] and full_dec else None
+            fp = median(times["fp chunked 512 (kvcomp store, split attention)"])
+            r["ratio_fp"] = r["prefill_s"] / fp
+            if id(comps[label]) in BOUNDARY:
+                r["boundary_mib"] = BOUNDARY.pop(id(comps[label])) / 2**20
             if rss_here:
                 r["rss"] = rss_in_subprocess(exp, n, extra)["peak_above_weights"]
             rows.append(r)
@@ -162,7 +184,9 @@ def render(a: argparse.Namespace, rows: list[dict[str, Any]], prof: dict[str, di
     for r in rows:
         r["each"] = " ".join(f"{x:.2f}" for x in r["runs"])
     cols = [("tokens", "tokens", ""), ("row", "row", ""), ("prefill_s", "prefill s (median)", ".2f"),
-            ("ratio", "vs full", ".2f"), ("decode_ms", "decode ms/token", ".1f"), ("decode_ratio", "vs full", ".2f"),
+            ("ratio", "vs full", ".2f"), ("ratio_fp", "vs fp chunked kvcomp", ".2f"),
+            ("boundary_mib", "stage boundary MiB", ".1f"), ("decode_ms", "decode ms/token", ".1f"),
+            ("decode_ratio", "vs full", ".2f"),
             ("rss_mib", "peak RSS above weights MiB", ".0f"), ("rss_ratio", "vs full", ".2f"),
             ("each", "each run, s", "")]
     text = header("Prefill from the packed cache vs the full cache (SmolLM2-135M, CPU)", argv)
@@ -190,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rss-all", action="store_true", help="peak RSS at every length (default: the longest only, "
                    "where the goal is; a fresh process per row and length)")
     p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--rows", nargs="+", default=None, help="a subset of the rows (full cache and the kvcomp fp "
+                   "chunked store always run)")
     p.add_argument("--smoke", action="store_true", help="lengths 300 and 700, 1 repeat, 2 decode steps")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "prefill.md")
     a = p.parse_args(argv)

@@ -199,6 +199,7 @@ class StageSchedule:
             if sel is None:
                 break
             hidden = torch.cat(outs, dim=1)
+            outs.clear()
             guide_h = g_out if g_out is not None else guide_h
             cap = self.capture.pop(sel)
             keys = torch.cat(cap.keys, dim=2)
@@ -208,7 +209,7 @@ class StageSchedule:
                                          self.points[k][1], acc, self.windows[sel])
             idx, hidden = idx[keep], hidden[:, keep]
             self.kept.append(idx)
-            del keys, cap, outs
+            del keys, cap
         if last is None:
             raise ValueError("empty input")
         return last
