@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from kvcomp.registry import COMPRESSORS, PROPAGATORS, QUANTIZERS, SCORERS
@@ -71,14 +72,16 @@ def test_stage_points_and_shares() -> None:
     assert not PROPAGATORS.build({"name": "layer_ratio", "schedule": "chunk"}).staged(30)
 
 
-def test_stage_layer_ratio_keeps_the_share_and_the_prompt_end(tiny) -> None:
+@pytest.mark.parametrize("score_layers", ["point", "stage"])
+def test_stage_layer_ratio_keeps_the_share_and_the_prompt_end(tiny, score_layers: str) -> None:
     """layer_ratio through the stage schedule: each layer holds its share of the prompt's candidates (plus the
     protected prompt end), decided over the whole prompt, and the layers are restored after prefill."""
     model, _ = tiny
     ids = torch.randint(3, 250, (1, T), generator=torch.Generator().manual_seed(4))
     layers = list(model.model.layers)
     comp = COMPRESSORS.build({"name": "unified", "chunk_size": CHUNK}, quantizer=QUANTIZERS.build({"name": "none"}),
-                             propagator=PROPAGATORS.build({"name": "layer_ratio", "keep_last": 16}),
+                             propagator=PROPAGATORS.build({"name": "layer_ratio", "keep_last": 16,
+                                                           "score_layers": score_layers}),
                              scorer=SCORERS.build({"name": "prompt_guided"}))
     q = ids[:, -8:]
     with comp.session(model, q) as s:

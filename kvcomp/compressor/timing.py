@@ -50,13 +50,16 @@ def question_lse(queries: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
     return logits.masked_fill(hidden, float("-inf")).logsumexp(dim=-1)
 
 
-def end_scores(run: Any, scoring: Any, bands: Any, history: int = 65536) -> tuple[dict, dict, RunningScores]:
-    """Per layer: the scorer's scores of its held tokens with the last forward's trailing queries (the prompt end,
-    the question when it ends the prompt), their positions, and running statistics per ``bands(layer)``."""
+def end_scores(run: Any, scoring: Any, bands: Any, history: int = 65536, layers: Any = None
+               ) -> tuple[dict, dict, RunningScores]:
+    """Per layer (of ``layers``, default all): the scorer's scores of its held tokens with the last forward's
+    trailing queries (the prompt end, the question when it ends the prompt), their positions, and running
+    statistics per ``bands(layer)``."""
     cache = run.cache
     stats, scores, positions = RunningScores(history), {}, {}
     n_layers = len(cache.layers)
-    for i, layer in enumerate(cache.layers):
+    for i in range(n_layers) if layers is None else layers:
+        layer = cache.layers[i]
         last = scoring.last_queries.get(i)
         if last is None or layer.held() == 0:
             continue

@@ -85,6 +85,7 @@ class Propagator:
     keep_last: int = param(32, ge=0)
     budget: Literal["prompt", "chunk"] = "prompt"
     schedule: Literal["stage", "chunk"] = "stage"
+    score_layers: Literal["point", "stage"] = "point"
 
     def ratio(self, layer_idx: int, n_layers: int) -> float:
         return 1.0
@@ -118,6 +119,23 @@ class Propagator:
         """Trailing prompt queries a selection layer records: the scorer's window (-1 = one chunk's worth)."""
         w = int(run.scoring.window)
         return step if w < 0 else w
+
+    def stage_scores(self, run: Any, layers: range, pos: torch.Tensor) -> torch.Tensor | None:
+        """``score_layers: stage``: the scorer's scores of the carried tokens (positions ``pos`` [N]) with the prompt
+        end's queries, summed over ``layers`` (the stage's other layers, read from what they hold), [N]; None for
+        ``point`` (the selection layer's own scores only)."""
+        if self.score_layers == "point" or not len(layers):
+            return None
+        from kvcomp.compressor.timing import end_scores
+
+        scores, positions, _ = end_scores(run, run.scoring, lambda i: 0, layers=layers)
+        out = torch.zeros(pos.numel(), device=pos.device)
+        for i, s in scores.items():
+            p = positions[i].to(pos.device)
+            at = torch.searchsorted(pos, p).clamp(max=pos.numel() - 1)
+            ok = pos[at] == p
+            out.index_add_(0, at[ok], s.to(out.device)[ok])
+        return out
 
     def protected(self, run: Any) -> int:
         """Prompt-end tokens every selection keeps: ``keep_last`` plus the question's length."""

@@ -205,6 +205,9 @@ class StageSchedule:
             keys = torch.cat(cap.keys, dim=2)
             held = hidden.numel() * hidden.element_size() + keys.numel() * keys.element_size()
             self.boundary_bytes = max(self.boundary_bytes, held)
+            extra = self.prop.stage_scores(run, range(a, sel), idx)
+            if extra is not None:
+                acc = extra if acc is None else acc + extra
             keep, acc = self.prop.select(run, sel, self.n, keys, cap.queries, cap.scaling, idx, t,
                                          self.points[k][1], acc, self.windows[sel])
             idx, hidden = idx[keep], hidden[:, keep]
