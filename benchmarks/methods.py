@@ -36,6 +36,7 @@ import torch
 from benchmarks.common import compose, header, load, median, publish, table, timed_prefill, wikitext_ids
 from benchmarks.quality import ci_cell, diff_cell, pair, run_row, slug, verdict
 from benchmarks.rows_issue17 import ROWS as ISSUE17_ROWS
+from benchmarks.rows_stage import ROWS as STAGE_ROWS
 from kvcomp.stats import half_width
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,7 +48,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "prompt_guided, propagation=none": ("prompt_guided", ["propagation=none"]),
 }
 #: issue 17's variants (question timing, normalisation, propagation): run them with --rows "<name>" ...
-EXTRA_ROWS: dict[str, tuple[str, list[str]]] = dict(ISSUE17_ROWS)
+EXTRA_ROWS: dict[str, tuple[str, list[str]]] = {**ISSUE17_ROWS, **STAGE_ROWS}
 #: equal-bytes rows: same quantizer as prompt_guided, keep ratio calibrated to prompt_guided's kv_bytes;
 #: ``snapkv@eq:<row>`` calibrates to another quality row's kv_bytes instead (e.g. ``prompt_guided, question=end``)
 EQ_PEERS = ("snapkv@eq", "h2o@eq")

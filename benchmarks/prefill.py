@@ -46,11 +46,20 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("livekvquant", "livekvquant", []),
     ("prompt_guided", "prompt_guided", []),
     ("fastkv", "fastkv", []),
+    ("fastkv, tsp_rate=0.4", "fastkv", ["propagation.tsp_rate=0.4"]),
+    ("prompt_guided, question=end", "prompt_guided", ["compressor.question=end"]),
+    ("prompt_guided_end (no propagation)", "prompt_guided_end", []),
+    ("prompt_guided, schedule=chunk", "prompt_guided", ["propagation.schedule=chunk"]),
+    ("fastkv, schedule=chunk (per-chunk budget, fp32 store)", "fastkv",
+     ["propagation.schedule=chunk", "compressor.precision.budget_at=stream", "quantizer=none"]),
 ]
 #: end-to-end rows: experiment names run through runners.run on the passkey task
 E2E = ("full_cache", "kvquant_stream", "prompt_guided_end")
 E2E_ARGS = ["task=passkey", "task.context_length=4000", "task.n_samples=10"]
 FP_STORE = "fp chunked 512 (kvcomp store, split attention)"
+BOUNDARY: dict[int, int] = {}  # id(compressor) -> peak bytes of its stage boundary (last prefill)
+#: rows every run keeps (the ratios' denominators)
+BASE_ROWS = ("full cache", FP_STORE)
 SCOPES = {"attention": ("kvcomp::attend", "aten::scaled_dot_product_attention"),
           "dequantize": ("kvcomp::dequantize",), "quantize/pack": ("kvcomp::quantize",), "RoPE": ("kvcomp::rope",),
           "scoring": ("kvcomp::score",), "linear": ("aten::linear",)}
@@ -71,11 +80,14 @@ clock = time.perf_counter
 @torch.inference_mode()
 def run_once(model: Any, comp: Any, ids: torch.Tensor, qids: torch.Tensor, decode: int
              ) -> tuple[float, float | None]:
-    """(prefill seconds, median decode ms/token over ``decode`` greedy steps right after it)."""
+    """(prefill seconds, median decode ms/token over ``decode`` greedy steps right after it); a stage-schedule
+    row's peak boundary bytes (``Session.stats``) go to ``BOUNDARY[id(comp)]``."""
     with comp.session(model, qids) as s:
         t0 = clock()
         logits = s.prefill(ids)
         dt = clock() - t0
+        if s.schedule is not None:
+            BOUNDARY[id(comp)] = s.schedule.boundary_bytes
         steps = []
         nxt = logits.argmax(-1)[:, None]
         for _ in range(decode):
@@ -133,6 +145,10 @@ def measure(a: argparse.Namespace, partial: Any = None) -> tuple[list[dict[str, 
                  "decode_ms": median(dec[label]) if dec[label] else None}
             r["ratio"] = r["prefill_s"] / full
             r["decode_ratio"] = r["decode_ms"] / full_dec if r["decode_ms"] and full_dec else None
+            fp = median(times[FP_STORE])
+            r["ratio_fp"] = r["prefill_s"] / fp
+            if id(comps[label]) in BOUNDARY:
+                r["boundary_mib"] = BOUNDARY.pop(id(comps[label])) / 2**20
             if rss_here:
                 r["rss"] = rss_in_subprocess(exp, n, extra)["peak_above_weights"]
             rows.append(r)
@@ -210,7 +226,9 @@ def render(a: argparse.Namespace, rows: list[dict[str, Any]], prof: dict[str, di
     for r in rows:
         r["each"] = " ".join(f"{x:.2f}" for x in r["runs"])
     cols = [("tokens", "tokens", ""), ("row", "row", ""), ("prefill_s", "prefill s (median)", ".2f"),
-            ("ratio", "vs full", ".2f"), ("decode_ms", "decode ms/token", ".1f"), ("decode_ratio", "vs full", ".2f"),
+            ("ratio", "vs full", ".2f"), ("ratio_fp", "vs fp chunked kvcomp", ".2f"),
+            ("boundary_mib", "stage boundary MiB", ".1f"), ("decode_ms", "decode ms/token", ".1f"),
+            ("decode_ratio", "vs full", ".2f"),
             ("rss_mib", "peak RSS above weights MiB", ".0f"), ("rss_ratio", "vs full", ".2f"),
             ("each", "each run, s", "")]
     text = header("Prefill from the packed cache vs the full cache (SmolLM2-135M, CPU)", argv)
@@ -244,17 +262,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rss-all", action="store_true", help="peak RSS at every length (default: the longest only, "
                    "where the goal is; a fresh process per row and length)")
     p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--rows", nargs="+", default=None, help="a subset of the rows (full cache and the kvcomp fp "
+                   "chunked store always run)")
     p.add_argument("--smoke", action="store_true", help="lengths 300 and 700, 1 repeat, 2 decode steps")
     p.add_argument("--e2e", action="store_true", help="also time runners.run on passkey (4000 tokens, 10 samples)")
     p.add_argument("--clock", choices=list(CLOCK), default="wall", help="wall seconds, or CPU seconds of this process")
-    p.add_argument("--rows", nargs="+", default=None, help="row labels to run (default: all; 'full cache' always)")
     p.add_argument("--e2e-only", action="store_true", help="only the end-to-end rows (a separate results file)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "prefill.md")
     a = p.parse_args(argv)
     global ROWS, clock
     clock = CLOCK[a.clock]
     if a.rows:
-        ROWS = [r for r in ROWS if r[0] in a.rows or r[0].split(" (")[0] in a.rows]
+        known = {x[0] for x in ROWS} | {x[0].split(" (")[0] for x in ROWS}
+        unknown = [r for r in a.rows if r not in known]
+        if unknown:
+            raise SystemExit(f"error: --rows {unknown[0]!r} is not one of: {', '.join(x[0] for x in ROWS)}")
+        ROWS = [x for x in ROWS if x[0] in BASE_ROWS or x[0] in a.rows or x[0].split(" (")[0] in a.rows]
     if a.smoke:
         a.lengths, a.repeats, a.decode = [300, 700], 1, 2
     cmd = ["benchmarks.prefill", *(sys.argv[1:] if argv is None else argv)]

@@ -49,6 +49,7 @@ class Session:
         self.scoring: Any = None
         self.policy: Any = None
         self.deferred = False  # True while the model's attention reads the cache (kernels/interface.py)
+        self.schedule: Any = None  # propagation.schedule=stage: drives prefill (kvcomp/propagator/stage.py)
         self.cache: Any = None
         self._stack: ExitStack | None = None
 
@@ -80,7 +81,10 @@ class Session:
         Each chunk attends to the (compressed) history plus its own tokens. Logits are computed only for the
         last position unless ``on_logits`` wants every position (perplexity). ``guide_ids`` (a question) are
         appended to every non-final chunk so a prompt-guided scorer sees the question's queries; the cache
-        never stores their K/V."""
+        never stores their K/V. With a stage schedule (``propagation.schedule: stage``) the schedule drives the
+        prefill instead: each stage of layers takes the whole prompt (its carried tokens) before the next."""
+        if self.schedule is not None:
+            return self._staged(input_ids, on_logits)
         t = input_ids.shape[1]
         step = self.chunk_size if self.chunk_size > 0 else t
         self.prompt_len = t
@@ -115,6 +119,18 @@ class Session:
             self.scoring.prompt_end(self)
         return last
 
+    def _staged(self, input_ids: torch.Tensor, on_logits: LogitsFn | None) -> torch.Tensor:
+        if on_logits is not None:
+            from kvcomp.errors import ConfigError
+
+            raise ConfigError("this task scores every position, but propagation drops hidden states; "
+                              "use propagation=none with it")
+        self.prompt_len = input_ids.shape[1]
+        last = self.schedule.prefill(input_ids)
+        if self.scoring is not None:
+            self.scoring.prompt_end(self)
+        return last
+
     @torch.inference_mode()
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         """One decode forward of ``input_ids`` [B, 1]; returns its logits [B, V]."""
@@ -124,7 +140,10 @@ class Session:
         """Statistics of the cache (``kvcomp.cache.cache_stats``)."""
         from kvcomp.cache import cache_stats
 
-        return cache_stats(self.cache)
+        stats = cache_stats(self.cache)
+        if self.schedule is not None:  # peak bytes of the stage boundary's hidden states + selection keys
+            stats["stage_boundary_bytes"] = int(self.schedule.boundary_bytes)
+        return stats
 
     # -- kvcomp.cache.RunHooks: what a compressed cache's layers ask of the run -----------------------
     def take_positions(self, layer_idx: int, seen: int, q: int, device: torch.device) -> torch.Tensor:
@@ -147,6 +166,8 @@ class Session:
               attn: tuple[torch.Tensor, torch.Tensor, float] | None) -> torch.Tensor | None:
         """Importance [n_store] of the stored new tokens (None without a scorer or during decode). ``attn``:
         (post-RoPE queries ``[B, Hq, q, D]``, their log-sum-exp over everything they attended to, the softmax scale)."""
+        if self.schedule is not None:
+            self.schedule.observe(layer_idx, new_keys, n_store, attn)
         if self.scoring is None or new_keys.shape[-2] == 1:
             return None
         s = self.scoring.score(self.cache, layer_idx, new_keys, positions, n_store, attn, self.prompt_len)

@@ -37,7 +37,7 @@ class ChunkContent(Scorer):
 
 def held_per_chunk(model, budget: str) -> list[list[int]]:
     prop = PROPAGATORS.build({"name": "layer_ratio", "early": 0.5, "middle": 0.5, "late": 0.5, "keep_last": 0,
-                              "budget": budget})
+                              "budget": budget, "schedule": "chunk"})
     comp = COMPRESSORS.build({"name": "unified", "chunk_size": 64}, quantizer=QUANTIZERS.build({"name": "none"}),
                              propagator=prop, scorer=ChunkContent())
     ids = torch.randint(3, 250, (1, 256), generator=torch.Generator().manual_seed(11))

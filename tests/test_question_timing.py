@@ -49,7 +49,7 @@ def test_timings_differ_in_what_the_forward_sees(tiny) -> None:
     assert seen["end"][0] == seen["none"][0] == [64, 64, 22]  # never appended
     for t, (_, cache) in seen.items():  # drops: oracle/none while streaming, end only in the end pass
         assert cache.get_compression_stats()["tokens_dropped"] > 0, t
-    assert unified("end").settings() == {"question": "end"}
+    assert unified("end").settings() == {"question": "end", "propagation_schedule": "none"}
     with pytest.raises(ConfigError, match="compressor.question=later is not one of: oracle, end, none"):
         unified("later")
 

@@ -17,6 +17,11 @@
  ``mode=budget``: keep the top
 ``keep_ratio`` of each chunk (or ``keep_tokens`` of the prompt, as a ratio of the prompt length) at the
 quantizer's own width, drop the rest. ``mode=none``: every token at the quantizer's width.
+``budget_at`` (``mode=budget``): ``stream`` = each chunk's drops are decided when it is stored;
+``end`` = nothing is dropped while the prompt streams, then at its end each layer keeps the top
+``keep_ratio`` of the tokens it holds by the scorer's score with the prompt end's queries (the last forward's
+trailing queries, which are always kept), as SnapKV and FastKV compress once the prompt is known; the
+cache holds every token at the quantizer's width until then.
 ``hold_bits`` (``compressor.question: end`` only): before the question is known no token is stored below
 this width and none is dropped; the question-aware pass at the prompt's end demotes them to their tiers.
 The first ``protect_sinks`` positions are never dropped and always get the highest width; tokens
@@ -92,6 +97,7 @@ class Precision:
     keep_tokens: int | None = param(None, gt=0)
     protect_sinks: int = param(4, ge=0)
     hold_bits: int = param(4, choices=(2, 3, 4, 8, 16))
+    budget_at: Literal["stream", "end"] = "stream"
 
     def __post_init__(self) -> None:
         if not self.theta_m < self.theta_h:
@@ -176,6 +182,8 @@ class PromptPolicy:
                  n_layers: int = 1) -> torch.Tensor | None:
         if not self.defer_drops:
             return self.precision(scores, positions, prompt_len, layer_idx, n_layers, self.stats)
+        if self.precision.mode == "budget":  # budget_at: end -- every token kept until the end pass
+            return None
         bits = self.precision(scores, positions, prompt_len, layer_idx, n_layers, self.stats, drop=False)
         if bits is None or self.precision.mode != "tiers":
             return bits

@@ -50,14 +50,16 @@ def question_lse(queries: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
     return logits.masked_fill(hidden, float("-inf")).logsumexp(dim=-1)
 
 
-def prompt_end(run: Any, scoring: Any, policy: Precision) -> dict[int, int]:
-    """The question-aware pass of ``question: end`` over every layer of the run's cache; returns tokens dropped
-    per layer. Scores come from the scorer itself, called with the held history as the stored tokens and the
-    last forward's trailing queries (the question) as its queries."""
+def end_scores(run: Any, scoring: Any, bands: Any, history: int = 65536, layers: Any = None
+               ) -> tuple[dict, dict, RunningScores]:
+    """Per layer (of ``layers``, default all): the scorer's scores of its held tokens with the last forward's
+    trailing queries (the prompt end, the question when it ends the prompt), their positions, and running
+    statistics per ``bands(layer)``."""
     cache = run.cache
-    stats, scores, positions = RunningScores(policy.history), {}, {}
+    stats, scores, positions = RunningScores(history), {}, {}
     n_layers = len(cache.layers)
-    for i, layer in enumerate(cache.layers):
+    for i in range(n_layers) if layers is None else layers:
+        layer = cache.layers[i]
         last = scoring.last_queries.get(i)
         if last is None or layer.held() == 0:
             continue
@@ -72,10 +74,39 @@ def prompt_end(run: Any, scoring: Any, policy: Precision) -> dict[int, int]:
                            int(run.prompt_len), scoring.windows[i])
         scores[i] = torch.nan_to_num(scoring.scorer.score(ctx).float(), nan=0.0)
         positions[i] = pos
-        stats.add(policy.band(i, n_layers), scores[i])
+        stats.add(bands(i), scores[i])
+    return scores, positions, stats
+
+
+def prompt_end(run: Any, scoring: Any, policy: Precision) -> dict[int, int]:
+    """The question-aware pass of ``question: end`` over every layer of the run's cache; returns tokens dropped
+    per layer. Scores come from the scorer itself, called with the held history as the stored tokens and the
+    last forward's trailing queries (the question) as its queries."""
+    n_layers = len(run.cache.layers)
+    scores, positions, stats = end_scores(run, scoring, lambda i: policy.band(i, n_layers), policy.history)
     dropped = {}
     for i, s in scores.items():
         u = stats.rank(policy.band(i, n_layers), s)
         bits = policy.tier(u, positions[i])
-        dropped[i] = demote(cache.layers[i], bits)
+        dropped[i] = demote(run.cache.layers[i], bits)
+    return dropped
+
+
+def budget_end(run: Any, scoring: Any, policy: Precision) -> dict[int, int]:
+    """``precision.budget_at: end``: each layer keeps the top ``keep_ratio`` (or ``keep_tokens``) of its held
+    tokens by the scorer's score with the prompt end's queries, those queries' own tokens and the sinks
+    included; the rest are dropped. Returns tokens dropped per layer."""
+    scores, positions, _ = end_scores(run, scoring, lambda i: i)
+    dropped = {}
+    for i, s in scores.items():
+        n, w = s.numel(), scoring.last_queries[i][0].shape[2]
+        ratio = float(policy.keep_ratio or 1.0)
+        if policy.keep_tokens is not None and run.prompt_len:
+            ratio = min(1.0, policy.keep_tokens / run.prompt_len)
+        s = s.clone()
+        s[n - min(n, w) :] = float("inf")  # the observation window itself stays (SnapKV, FastKV), and the sinks
+        s[positions[i].to(s.device) < policy.protect_sinks] = float("inf")
+        bits = torch.zeros(n, dtype=torch.int64, device=s.device)
+        bits[torch.topk(s, max(1, round(ratio * n))).indices] = -1
+        dropped[i] = demote(run.cache.layers[i], bits)
     return dropped

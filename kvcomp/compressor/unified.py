@@ -19,7 +19,7 @@ import torch
 from kvcomp.cache import CompressedCache
 from kvcomp.compressor.base import Compressor
 from kvcomp.compressor.precision import Precision
-from kvcomp.compressor.timing import prompt_end, say_once
+from kvcomp.compressor.timing import budget_end, prompt_end, say_once
 from kvcomp.errors import ConfigError
 from kvcomp.fields import bind
 from kvcomp.kernels.interface import use_packed_attention
@@ -111,7 +111,9 @@ class Unified(Compressor):
 
     def settings(self) -> dict[str, Any]:
         """Run settings reported in metrics.json (information the method was given)."""
-        return {"question": self.question}
+        prop = self.propagator
+        schedule = "none" if prop is None or not prop.active(32) else prop.schedule
+        return {"question": self.question, "propagation_schedule": schedule}
 
     def install(self, session: Session, stack: ExitStack) -> None:
         model = session.model
@@ -130,7 +132,14 @@ class Unified(Compressor):
             if needs and self.question == "end" and session.question_ids is not None and self.policy.mode == "tiers":
                 session.policy.defer_drops = True
                 session.scoring.end_pass = lambda run, scoring: prompt_end(run, scoring, self.policy)
+            if self.policy.mode == "budget" and self.policy.budget_at == "end":
+                session.policy.defer_drops = True
+                session.scoring.end_pass = lambda run, scoring: budget_end(run, scoring, self.policy)
         if self.propagator is not None:
+            if self.propagator.staged(len(arch.decoder_layers(model))):
+                from kvcomp.propagator.stage import StageSchedule
+
+                session.schedule = StageSchedule(self.propagator, session)
             handles = self.propagator.install(model, session, fix_masks=self.policy.may_drop)
             stack.callback(lambda: [h.remove() for h in handles])
         stack.enter_context(use_packed_attention(model, session))

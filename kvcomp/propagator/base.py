@@ -25,6 +25,12 @@ its own candidates, whatever they hold; ``prompt`` = the share holds over the wh
 goes on when its accumulated score's quantile among every candidate that reached this layer so far (this
 chunk included) is in the top share, so an important chunk's tokens may all go on while a filler chunk's
 mostly stop (a chunk never carries more than its own tokens; the first chunk is ranked against itself).
+
+``schedule`` says when the selections are made. ``stage`` (default): once per selection point, when the whole
+prompt has passed the layers below it (``kvcomp/propagator/stage.py``, which drives the model; ``select``
+here ranks every carried token by the scorer, called with the prompt end's queries at that layer, plus the
+scores of the earlier points); ``budget`` then plays no part. ``chunk``: the hooks above, inside each
+forward, before the prompt's end (and its question) has been read (the ablation).
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ class Propagator:
 
     keep_last: int = param(32, ge=0)
     budget: Literal["prompt", "chunk"] = "prompt"
+    schedule: Literal["stage", "chunk"] = "stage"
+    score_layers: Literal["point", "stage"] = "point"
 
     def ratio(self, layer_idx: int, n_layers: int) -> float:
         return 1.0
@@ -93,6 +101,71 @@ class Propagator:
     def active(self, n_layers: int) -> bool:
         return any(self.ratio(i, n_layers) < 1.0 for i in range(n_layers))
 
+    def points(self, n_layers: int) -> list[tuple[int, float]]:
+        """Selection points: (layer whose output is cut, share of the prompt's candidates carried on after it)."""
+        out, share = [], 1.0
+        for i in range(n_layers - 1):
+            r = self.ratio(i, n_layers)
+            if r < share:
+                out.append((i, r))
+                share = r
+        return out
+
+    def staged(self, n_layers: int) -> bool:
+        """True when the stage schedule drives this prompt's prefill (``schedule: stage`` and tokens dropped)."""
+        return self.schedule == "stage" and self.active(n_layers)
+
+    def query_window(self, run: Any, step: int) -> int:
+        """Trailing prompt queries a selection layer records: the scorer's window (-1 = one chunk's worth)."""
+        w = int(run.scoring.window)
+        return step if w < 0 else w
+
+    def stage_scores(self, run: Any, layers: range, pos: torch.Tensor) -> torch.Tensor | None:
+        """``score_layers: stage``: the scorer's scores of the carried tokens (positions ``pos`` [N]) with the prompt
+        end's queries, summed over ``layers`` (the stage's other layers, read from what they hold), [N]; None for
+        ``point`` (the selection layer's own scores only)."""
+        if self.score_layers == "point" or not len(layers):
+            return None
+        from kvcomp.compressor.timing import end_scores
+
+        scores, positions, _ = end_scores(run, run.scoring, lambda i: 0, layers=layers)
+        out = torch.zeros(pos.numel(), device=pos.device)
+        for i, s in scores.items():
+            p = positions[i].to(pos.device)
+            at = torch.searchsorted(pos, p).clamp(max=pos.numel() - 1)
+            ok = pos[at] == p
+            out.index_add_(0, at[ok], s.to(out.device)[ok])
+        return out
+
+    def protected(self, run: Any) -> int:
+        """Prompt-end tokens every selection keeps: ``keep_last`` plus the question's length."""
+        return self.keep_last + run.question_len
+
+    def select(self, run: Any, layer: int, n_layers: int, keys: torch.Tensor, queries: torch.Tensor,
+               scaling: float, pos: torch.Tensor, prompt_len: int, share: float, acc: torch.Tensor | None,
+               window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage schedule: which of the ``N`` carried tokens (absolute positions ``pos`` [N]) go on after ``layer``.
+        ``keys``: that layer's post-RoPE keys of them ``[B, H_kv, N, D]``; ``queries``: the prompt end's
+        ``[B, H_q, W, D]``. The scorer scores every carried token against those queries (softmax over all of
+        them), ``acc`` [N] (earlier points' scores) is added, and the top ``share`` of the prompt's candidates go
+        on with the protected tail. Returns (kept indices into the N, sorted; their accumulated scores)."""
+        from kvcomp.compressor.timing import question_lse
+        from kvcomp.scorer.base import ScoreContext
+
+        n, w = pos.numel(), queries.shape[2]
+        lse = question_lse(queries, keys, pos[-w:], pos, scaling, window)
+        rope = run.cache.ropes[layer]
+        pre = rope.invert(keys, pos) if rope is not None else keys
+        ctx = ScoreContext(layer, n_layers, keys, pre, queries, lse, pos, n, scaling, prompt_len, window)
+        s = torch.nan_to_num(run.scoring.scorer.score(ctx).float(), nan=0.0)
+        acc = s if acc is None else acc + s
+        prot0 = min(prompt_len, self.protected(run))
+        cand = n - min(n, prot0)
+        target = min(cand, round(share * (prompt_len - prot0)))
+        top = torch.topk(acc[:cand], target).indices.sort().values
+        keep = torch.cat([top, torch.arange(cand, n, device=top.device)])
+        return keep, acc[keep]
+
     def install(self, model: Any, run: Any, fix_masks: bool = False) -> list[Any]:
         """Register the hooks for one prompt's ``run`` (a ``Session``); ``fix_masks`` rebuilds per-layer masks
         even without dropping hidden states (needed when the precision policy drops tokens, so layers hold
@@ -106,6 +179,8 @@ class Propagator:
         if impl not in MASK_IMPLS:
             raise ConfigError(f"model.attn_implementation={impl} takes no per-layer masks; propagation and token "
                               "drops need sdpa or eager (model.attn_implementation=sdpa)")
+        if self.staged(n):
+            return []  # the stage schedule (Session.prefill) needs no per-forward hooks
         win = windows(model)
         fw = _Forward()
         fw.stats = RunningScores() if self.budget == "prompt" else None

@@ -1,0 +1,119 @@
+"""The stage schedule of selective propagation: FastKV's selection against a direct implementation, the
+schedule's selection points and what it reports (tiny LLaMA, a few seconds)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvcomp.registry import COMPRESSORS, PROPAGATORS, QUANTIZERS, SCORERS
+
+T, CHUNK = 300, 64
+
+
+def fastkv(schedule: str = "stage", **prop):
+    return COMPRESSORS.build({"name": "unified", "chunk_size": CHUNK}, quantizer=QUANTIZERS.build({"name": "none"}),
+                             propagator=PROPAGATORS.build({"name": "fastkv_tsp", "schedule": schedule, **prop}),
+                             scorer=SCORERS.build({"name": "snapkv"}))
+
+
+def direct_tsp(model, ids: torch.Tensor, layer: int, rate: float, window: int = 8, kernel: int = 7) -> set[int]:
+    """FastKV's TSP selection written out on the plain model's full-prompt forward: layer ``layer``'s queries and
+    keys from its input hidden state, the last ``window`` queries' softmax over every key (additive causal mask
+    on the window, as the paper's code does), summed over the window, average-pooled, summed over heads."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states[layer]  # the input of `layer`
+        dec = model.model.layers[layer]
+        attn, x = dec.self_attn, dec.input_layernorm(hs)
+        cfg = model.config
+        d = cfg.hidden_size // cfg.num_attention_heads
+        q = attn.q_proj(x).view(1, T, -1, d).transpose(1, 2)
+        k = attn.k_proj(x).view(1, T, -1, d).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        w = torch.matmul(q[..., -window:, :], k.transpose(2, 3)) / math.sqrt(d)
+        mask = torch.full((window, window), torch.finfo(w.dtype).min)
+        cond = torch.arange(window)
+        mask.masked_fill_(cond < (cond + 1).view(window, 1), 0)
+        w[..., -window:] += mask
+        s = torch.softmax(w, dim=-1)[..., :-window].sum(dim=-2)
+        s = torch.nn.functional.avg_pool1d(s, kernel, padding=kernel // 2, stride=1).sum(dim=1)[0]
+        top = s.topk(int(T * rate) - window).indices
+    return {int(i) for i in top} | set(range(T - window, T))
+
+
+def test_fastkv_stage_selection_is_fastkvs(tiny) -> None:
+    """The tokens the stage schedule carries past the TSP layer are exactly FastKV's selection computed directly
+    on the whole prompt (no KV budget, fp32 store: the layers below see what the plain model does)."""
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, T), generator=torch.Generator().manual_seed(3))
+    comp = fastkv(tsp_rate=0.3)
+    with comp.session(model) as s:
+        s.prefill(ids)
+    tsp = 2  # the middle of 4 layers
+    kept = {int(p) for p in s.cache.layers[tsp + 1].held_positions()}
+    assert kept == direct_tsp(model, ids, tsp, 0.3)
+    assert len(kept) == int(0.3 * T)
+    assert s.cache.layers[tsp].held() == T  # the TSP layer itself computes every token
+    assert comp.settings()["propagation_schedule"] == "stage"
+    assert s.stats()["stage_boundary_bytes"] == T * (64 + 2 * 16) * 4  # boundary states + TSP layer's keys
+
+
+def test_stage_points_and_shares() -> None:
+    lr = PROPAGATORS.build({"name": "layer_ratio"})
+    assert lr.points(30) == [(0, 0.8), (9, 0.6), (21, 0.4)]  # SmolLM2: three selection points
+    assert PROPAGATORS.build({"name": "fastkv_tsp"}).points(30) == [(15, 0.2)]
+    assert PROPAGATORS.build({"name": "none"}).points(30) == []
+    assert not PROPAGATORS.build({"name": "layer_ratio", "schedule": "chunk"}).staged(30)
+
+
+@pytest.mark.parametrize("score_layers", ["point", "stage"])
+def test_stage_layer_ratio_keeps_the_share_and_the_prompt_end(tiny, score_layers: str) -> None:
+    """layer_ratio through the stage schedule: each layer holds its share of the prompt's candidates (plus the
+    protected prompt end), decided over the whole prompt, and the layers are restored after prefill."""
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, T), generator=torch.Generator().manual_seed(4))
+    layers = list(model.model.layers)
+    comp = COMPRESSORS.build({"name": "unified", "chunk_size": CHUNK}, quantizer=QUANTIZERS.build({"name": "none"}),
+                             propagator=PROPAGATORS.build({"name": "layer_ratio", "keep_last": 16,
+                                                           "score_layers": score_layers}),
+                             scorer=SCORERS.build({"name": "prompt_guided"}))
+    q = ids[:, -8:]
+    with comp.session(model, q) as s:
+        s.prefill(ids)
+        assert list(model.model.layers) == layers
+        prot = 16 + 8
+        shares = comp.propagator.layer_shares(4)  # 1, 0.8, 0.8, 0.6
+        for layer, share in zip(s.cache.layers, shares, strict=True):
+            pos = layer.held_positions().long()
+            assert pos.numel() == round(share * (T - prot)) + prot
+            assert set(range(T - prot, T)) <= {int(p) for p in pos}
+        s.step(ids[:, :1])  # decode runs every layer at the next absolute position
+        assert all(int(layer.held_positions()[-1]) == T for layer in s.cache.layers)
+
+
+def test_budget_at_end_keeps_the_share_of_each_layer(tiny) -> None:
+    """precision.budget_at=end: nothing dropped while streaming; at the prompt end each layer keeps
+    keep_ratio of what it holds, the observation window (last 32 queries' tokens) and the sinks among them."""
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, T), generator=torch.Generator().manual_seed(5))
+    comp = COMPRESSORS.build({"name": "unified", "chunk_size": CHUNK,
+                              "precision": {"mode": "budget", "keep_ratio": 0.5, "budget_at": "end"}},
+                             quantizer=QUANTIZERS.build({"name": "uniform", "key_bits": 16, "value_bits": 16,
+                                                         "pre_rope": False}),
+                             propagator=PROPAGATORS.build({"name": "fastkv_tsp", "tsp_rate": 0.4}),
+                             scorer=SCORERS.build({"name": "snapkv"}))
+    with comp.session(model) as s:
+        s.prefill(ids)
+    for i, layer in enumerate(s.cache.layers):
+        carried = T if i <= 2 else int(0.4 * T)
+        pos = {int(p) for p in layer.held_positions()}
+        assert len(pos) == round(0.5 * carried), i
+        window = 32 if i <= 2 else 8  # past the TSP layer only FastKV's window is carried contiguously
+        assert set(range(T - window, T)) <= pos
+        assert i > 2 or set(range(4)) <= pos  # the sinks, where they were carried
