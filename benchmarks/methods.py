@@ -1,4 +1,4 @@
-"""Importance-based methods vs the full cache on SmolLM2-135M, side by side in one run (issue 6 rows).
+"""Importance-based methods vs the full cache on SmolLM2-135M, side by side in one run (the default rows).
 
 Columns: bytes the cache holds vs an fp16 cache of every token seen; task score at ``--context``
 tokens relative to the full cache (same samples); TTFT (prefill of ``--ttft-tokens`` WikiText-2 tokens
@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.common import compose, header, load, median, publish, table, timed_prefill, wikitext_ids
 from benchmarks.quality import ci_cell, diff_cell, pair, run_row, slug, verdict
-from benchmarks.rows_issue17 import ROWS as ISSUE17_ROWS
+from benchmarks.rows_prompt_guided import ROWS as PROMPT_GUIDED_ROWS
 from benchmarks.rows_stage import ROWS as STAGE_ROWS
 from kvcomp.stats import half_width
 
@@ -47,8 +47,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     **{e: (e, []) for e in BASE},
     "prompt_guided, propagation=none": ("prompt_guided", ["propagation=none"]),
 }
-#: issue 17's variants (question timing, normalisation, propagation): run them with --rows "<name>" ...
-EXTRA_ROWS: dict[str, tuple[str, list[str]]] = {**ISSUE17_ROWS, **STAGE_ROWS}
+#: prompt_guided variants (question timing, normalisation, propagation) and the stage-schedule rows:
+#: run them with --rows "<name>" ...
+EXTRA_ROWS: dict[str, tuple[str, list[str]]] = {**PROMPT_GUIDED_ROWS, **STAGE_ROWS}
 #: equal-bytes rows: same quantizer as prompt_guided, keep ratio calibrated to prompt_guided's kv_bytes;
 #: ``snapkv@eq:<row>`` calibrates to another quality row's kv_bytes instead (e.g. ``prompt_guided, question=end``)
 EQ_PEERS = ("snapkv@eq", "h2o@eq")
@@ -124,7 +125,7 @@ def ttft_only(a: argparse.Namespace, argv: list[str] | None) -> str:
                    ["benchmarks.methods", *(argv or sys.argv[1:])])
             + f"- settings: SmolLM2-135M-Instruct fp32 on CPU, sdpa, chunks of 512; prefill of {a.ttft_tokens} "
             f"WikiText-2 tokens + a question, {a.repeats} interleaved rounds; full cache unchunked.\n\n"
-            + table(rows, cols) + f"\n\nGoal (issue 6):\n- [{'x' if pg['ttft_rel'] <= 0.65 else ' '}] prompt_guided "
+            + table(rows, cols) + f"\n\nGoal:\n- [{'x' if pg['ttft_rel'] <= 0.65 else ' '}] prompt_guided "
             f"with layer_ratio propagation: TTFT {pg['ttft_rel']:.2f}x the full cache (goal <= 0.65x)\n")
     out = a.out if a.out != RESULTS / "methods.md" else RESULTS / "methods_ttft.md"
     out.write_text(text)

@@ -1,4 +1,4 @@
-"""Global tiers (issue 17): running quantiles across chunks and layers map importance to 8/4/2/drop."""
+"""Global tiers: running quantiles across chunks and layers map importance to 8/4/2/drop."""
 
 from __future__ import annotations
 

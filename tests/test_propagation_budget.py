@@ -1,4 +1,4 @@
-"""Selective propagation (issue 17): the layer -> share map, and a share held over the prompt or per chunk."""
+"""Selective propagation: the layer -> share map, and a share held over the prompt or per chunk."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Question timing (issue 17): oracle / end / none, the end pass (demote or drop, never promote), the log line."""
+"""Question timing: oracle / end / none, the end pass (demote or drop, never promote), the log line."""
 
 from __future__ import annotations
 

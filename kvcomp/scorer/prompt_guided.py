@@ -16,7 +16,7 @@ chunk tokens i at absolute positions p_i, and a prompt of T tokens:
 
 Â and r are max-pooled over ``pool_kernel`` (21) neighbouring tokens (as SnapKV does), so the tokens around
 a match (the value next to its key) share its score; 21 rather than SnapKV's 7 because with propagation a
-7-digit value must reach the deep layers whole (measured, README "Issue 17").
+7-digit value must reach the deep layers whole (measured: docs/results.md, "Why scorer.pool_kernel: 21").
 ``term_scale`` sets how Â and r are made comparable:
 ``chunk`` min-max normalises each over the chunk (every chunk then has a token at 1, whatever it holds);
 ``absolute`` keeps them on one scale across chunks, so a downstream global policy can tell a filler chunk

@@ -1,4 +1,4 @@
-"""Issue 17's rows for ``benchmarks.methods``: name -> (experiment, overrides), one variant of prompt_guided each.
+"""prompt_guided variants for ``benchmarks.methods``: name -> (experiment, overrides), one variant each.
 
 Question timing (``compressor.question``), tier normalisation (``compressor.precision.normalize`` with the
 scorer's matching ``term_scale``) and the propagation variants (``propagation.budget``, ``propagation=none``).
@@ -10,7 +10,7 @@ h2o@eq against the row in question (``compressor.question=end`` for the issue's 
 from __future__ import annotations
 
 PG = "prompt_guided"
-#: question=end at >= 4.5x (issue 17's first goal): no propagation, tiers 4/4/drop (theta_m 0.3), drops at the end
+#: question=end at >= 4.5x: no propagation, tiers 4/4/drop (theta_m 0.3), drops at the end
 END_DROPS = (PG, ["compressor.question=end", "propagation=none", "compressor.precision.bits=[4,4,2]",
                   "compressor.precision.drop_low=true"])
 ROWS: dict[str, tuple[str, list[str]]] = {
