@@ -16,7 +16,6 @@ every row counts (an empty response scores 0).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from kvcomp.registry import TASKS
 from kvcomp.task.base import Sample, Task, span
 from kvcomp.task.longbench.task import wrap_prompt
 from kvcomp.task.prompting import encode_question
+from kvcomp.task.rows import read_json_rows
 
 HUB_REPO = "THUDM/LongBench-v2"
 HUB_FILE = "data.json"
@@ -109,17 +109,7 @@ def load_rows(data_path: str | None) -> list[dict[str, Any]]:
         elif not path.is_file():
             raise ConfigError(f"task.data_path={data_path} does not exist; give LongBench v2's {HUB_FILE} "
                               f"(json list) or a jsonl file of its rows")
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"task.data_path: {path} is not valid JSON ({err.msg})") from None
-    for i, r in enumerate(rows):
-        missing = [f for f in FIELDS if f not in r]
-        if missing:
-            raise ConfigError(f"task.data_path: {path} row {i} lacks {', '.join(missing)}")
-    return rows
+    return read_json_rows(path, "task.data_path", FIELDS)
 
 
 def _hub_file() -> Path:

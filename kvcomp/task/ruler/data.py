@@ -10,11 +10,11 @@ the Llama-3.1 tokenizer, so their lengths in another model's tokens differ from 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from kvcomp.errors import ConfigError
+from kvcomp.task.rows import check_fields, read_json_rows
 
 HUB_REPO = "simonjegou/ruler"
 COLUMNS = ("context", "question", "answer_prefix", "answer", "task")
@@ -23,23 +23,12 @@ SUFFIXES = (".parquet", ".jsonl", ".json")
 
 def read_file(path: Path) -> list[dict[str, Any]]:
     """Rows of one parquet / jsonl / json-list file; a row without the layout's columns fails naming it."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    hint = f" (the {HUB_REPO} layout has {', '.join(COLUMNS)})"
+    if path.suffix != ".parquet":
+        return read_json_rows(path, "task.data_dir", COLUMNS, hint)
+    import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
-    else:
-        text = path.read_text(encoding="utf-8")
-        try:
-            rows = json.loads(text) if path.suffix == ".json" else [
-                json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"task.data_dir: {path} is not valid JSON ({err.msg})") from None
-    for i, row in enumerate(rows):
-        missing = [c for c in COLUMNS if c not in row]
-        if missing:
-            raise ConfigError(f"task.data_dir: {path} row {i} lacks {', '.join(missing)} "
-                              f"(the simonjegou/ruler layout has {', '.join(COLUMNS)})")
-    return rows
+    return check_fields(pq.read_table(path).to_pylist(), path, "task.data_dir", COLUMNS, hint)
 
 
 def local_files(data_dir: str | Path, context_length: int) -> list[Path]:
