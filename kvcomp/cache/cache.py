@@ -11,7 +11,7 @@ from transformers.cache_utils import Cache
 
 from kvcomp.cache.accounting import reserved_bytes
 from kvcomp.cache.layer import CompressedLayer
-from kvcomp.cache.rope import Rope
+from kvcomp.model.rope import Rope
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer

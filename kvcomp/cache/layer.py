@@ -20,10 +20,10 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvcomp.cache.accounting import held_tensors, layer_stats, select_state_rows
 from kvcomp.cache.oracle import materialize, materialized_attention
-from kvcomp.cache.rope import Rope
 from kvcomp.cache.storage import Rows, Stored
 from kvcomp.kernels.chunk import History, chunk_attention, scope
 from kvcomp.kernels.decode import decode_attention_cpu
+from kvcomp.model.rope import Rope
 
 if TYPE_CHECKING:
     from kvcomp.quantizer.base import Quantizer

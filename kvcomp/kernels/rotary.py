@@ -1,4 +1,4 @@
-"""The plain LLaMA (split-half) rotation, shared by the kernels and the cache's ``Rope`` (``cache/rope.py``)."""
+"""The plain LLaMA (split-half) rotation, shared by the kernels and ``Rope`` (``model/rope.py``)."""
 
 from __future__ import annotations
 
