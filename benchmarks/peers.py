@@ -54,9 +54,16 @@ def rows_for(ratios: list[float]) -> list[dict[str, Any]]:
                      "params": {"system": "quanto", "nbits": bits}})
     for r in ratios:
         keep = round(1 - r, 4)
-        rows.append({"name": f"kvcomp snapkv {r:g}", "system": "kvcomp", "env": "main",
+        # question=oracle (snapkv's default): the question's queries score every chunk, before the prompt ends
+        rows.append({"name": f"kvcomp snapkv {r:g} question=oracle", "system": "kvcomp", "env": "main",
                      "params": {"system": "kvcomp", "method": "snapkv",
                                 "overrides": {"compressor.precision.keep_ratio": keep}}})
+        # question=end: what kvpress's presses know here -- the prompt (question last) is read, then each layer
+        # keeps the top keep_ratio by its last window's attention (precision.budget_at=end)
+        rows.append({"name": f"kvcomp snapkv {r:g} question=end", "system": "kvcomp", "env": "main",
+                     "params": {"system": "kvcomp", "method": "snapkv",
+                                "overrides": {"compressor.precision.keep_ratio": keep, "compressor.question": "end",
+                                              "compressor.precision.budget_at": "end"}}})
         budget = {"compressor.precision.mode": "budget", "compressor.precision.keep_ratio": keep}
         # question=oracle (the default): the question is appended to every chunk, known before the prompt ends
         rows.append({"name": f"kvcomp prompt_guided budget {r:g} question=oracle", "system": "kvcomp", "env": "main",

@@ -119,3 +119,25 @@ def test_missing_question_is_said_once(tiny, caplog) -> None:
     said = [r.getMessage() for r in caplog.records if "needs a question" in r.getMessage()]
     assert len(said) == 2  # once for question=none, once for end without a question
     assert "compressor.question=none" in said[0] and "compressor.question=end" in said[1]
+
+
+def test_end_budget_with_full_precision_store_drops_and_keeps_the_rest_bit_exact(tiny) -> None:
+    """quantizer=none + budget_at=end (kvpress-like eviction after the prompt): the dense store has nothing to
+    re-encode, so the late pass only drops; every kept token is the token the full cache holds (no fp16 round trip)."""
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, 150), generator=torch.Generator().manual_seed(10))
+    comp = COMPRESSORS.build({"name": "unified", "chunk_size": 64, "question": "end",
+                              "precision": {"mode": "budget", "keep_ratio": 0.5, "budget_at": "end"}},
+                             quantizer=QUANTIZERS.build({"name": "none"}),
+                             propagator=PROPAGATORS.build({"name": "none"}), scorer=SCORERS.build({"name": "snapkv"}))
+    with comp.session(model, ids[:, -6:]) as sess:
+        sess.prefill(ids)
+    full = model(ids, use_cache=True).past_key_values
+    for i, layer in enumerate(sess.cache.layers):
+        held = held_positions(layer).long()
+        assert abs(held.numel() - 75) <= 1  # half of the 150 tokens, decided once at the end
+        k, _ = layer.materialize()
+        ref = full.layers[i].keys[..., held, :]
+        assert k.dtype == ref.dtype
+        # layer 0 sees the same inputs (bit-exact); deeper layers differ by the chunked attention's rounding
+        assert torch.equal(k, ref) if i == 0 else torch.allclose(k, ref, atol=1e-4)

@@ -42,7 +42,8 @@ def demote(layer: Any, bits: torch.Tensor) -> int:
         dropped += int((~keep).sum())
         if not bool(keep.any()):
             continue
-        dtype = torch.float32
+        # a dense block is re-stored in its own dtype (bit-exact); codes are decoded to float32
+        dtype = kb.tensors()[0].dtype if w >= 16 else torch.float32
         k, v = kb.dequantize(dtype)[..., keep, :], vb.dequantize(dtype)[..., keep, :]
         kept_pos = pos[keep]
         for seg in layer.quantizer.store(k, v, kept_pos, layer.state, target[keep]):

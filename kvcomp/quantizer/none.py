@@ -29,3 +29,8 @@ class NoQuantizer(Quantizer):
         decode: bool = False,
     ) -> list[Segment]:
         return [Segment(Dense(keys), Dense(values))]
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, state: dict[str, Any],
+              token_bits: torch.Tensor | None = None) -> list[Segment]:
+        """Re-store kept tokens (a late drop pass, ``cache/rewrite.py``) as given: nothing to re-encode."""
+        return [Segment(Dense(keys), Dense(values))]
