@@ -28,7 +28,7 @@ class NoQuantizer(Quantizer):
         token_bits: torch.Tensor | None = None,
         decode: bool = False,
     ) -> list[Segment]:
-        return [Segment(Dense(keys), Dense(values))]
+        return self.store(keys, values, positions, state, token_bits)
 
     def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, state: dict[str, Any],
               token_bits: torch.Tensor | None = None) -> list[Segment]:
