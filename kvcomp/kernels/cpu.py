@@ -143,12 +143,12 @@ def split_meta(colmap: torch.Tensor, h: int, d: int, normal: list[int] | None, s
 def sparse_meta(base: list[int] | None, index: torch.Tensor, values: torch.Tensor,
                 shape: tuple[int, int, int, int], keep: list[torch.Tensor]) -> list[int] | None:
     """Meta row of a dense-and-sparse block: its (unsplit, unsparse) base's row and its outliers (sorted int32 flat
-    indices into ``[B, H, T, D]``, values), with int32 row pointers ``[B*H*T + 1]`` built here (to ``keep``)."""
+    indices into ``[B, H, T, D]``, values; the kernel finds each row's first outlier itself, so nothing is built
+    per step; contiguous copies, where needed, go to ``keep``)."""
     if base is None or base[0] >= 2 or values.dtype not in DTYPES or index.dtype != torch.int32:
         return None
-    b, h, t, d = shape
-    bounds = torch.arange(0, b * h * t + 1, dtype=torch.int64, device=index.device) * d
-    rowptr = torch.searchsorted(index, bounds.to(torch.int32), out_int32=True)
-    keep += [rowptr, index.contiguous(), values.contiguous()]
-    return [3, rowptr.data_ptr(), keep[-2].data_ptr(), keep[-1].data_ptr(), DTYPES[values.dtype], h, d, t,
+    _, h, t, d = shape
+    ix, vals = index.contiguous(), values.contiguous()
+    keep += [x for x, y in ((ix, index), (vals, values)) if x is not y]
+    return [3, int(ix.numel()), ix.data_ptr(), vals.data_ptr(), DTYPES[values.dtype], h, d, t,
             *([0] * 8), *base[:16], *([0] * 16)]

@@ -24,6 +24,7 @@ struct Dec {
   const int64_t* m;
   std::vector<Dec> sub;
   std::vector<float> srow, zrow, a, b;
+  std::vector<int64_t> cur, prev;  // sparse: per head, where the last row read ended and which row it was
   int64_t last = -1;
   explicit Dec(const int64_t* meta) : m(meta) {
     if (m[0] == 2) {
@@ -33,6 +34,8 @@ struct Dec {
       b.resize(sub[1].width());
     } else if (m[0] == 3) {
       sub.emplace_back(meta + 16);
+      cur.assign(m[5], 0);
+      prev.assign(m[5], -2);
     } else if (m[0] == 1) {
       srow.resize(m[6] * m[8]);
       zrow.resize(m[6] * m[8]);
@@ -47,15 +50,20 @@ struct Dec {
     }
   }
   void row(int64_t bi, int64_t t, float* out) {
-    if (m[0] == 3) {  // sparse: row pointers, int32 flat index, values, their dtype, H, D, T; base at +16
+    if (m[0] == 3) {  // sparse: outlier count, sorted int32 flat index, values, their dtype, H, D, T; base at +16
       sub[0].row(bi, t, out);
-      const int32_t* rp = reinterpret_cast<const int32_t*>(m[1]);
+      const int64_t nnz = m[1];
       const int32_t* ix = reinterpret_cast<const int32_t*>(m[2]);
       const void* vals = reinterpret_cast<const void*>(m[3]);
       const int64_t H = m[5], D = m[6], T = m[7];
       for (int64_t h = 0; h < H; ++h) {
         const int64_t r = (bi * H + h) * T + t;
-        for (int32_t k = rp[r]; k < rp[r + 1]; ++k) out[h * D + (ix[k] - r * D)] = loadf(vals, m[4], k);
+        // the row's first outlier: where the previous row of this head ended (rows are read in order), else a
+        // binary search; no row pointers are held or built
+        int64_t k = prev[h] == r - 1 ? cur[h] : std::lower_bound(ix, ix + nnz, (int64_t)(r * D)) - ix;
+        for (; k < nnz && ix[k] < (r + 1) * D; ++k) out[h * D + (ix[k] - r * D)] = loadf(vals, m[4], k);
+        cur[h] = k;
+        prev[h] = r;
       }
       return;
     }

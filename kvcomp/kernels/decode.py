@@ -39,8 +39,7 @@ def history_top(history: Any) -> int:
 
 def _meta(block: Any, keep: list[torch.Tensor]) -> torch.Tensor | None:
     """The block's decode meta row as an int64 tensor (what it points into goes to ``keep``), cached on the block
-    (stored blocks never change) unless it needed transients built for this call (a sparse block's row
-    pointers: recomputed each step rather than held beside the block, where kv_bytes would not count them)."""
+    (stored blocks never change) unless it needed transients built for this call (contiguous copies)."""
     cached = block.__dict__.get("_decode_meta") if hasattr(block, "__dict__") else None
     if cached is not None:
         return cached
