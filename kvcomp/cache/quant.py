@@ -13,6 +13,7 @@ statistic is outside fp16's range, so huge inputs never turn into Inf/NaN.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,7 @@ class Packed:
     group: int
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        q = unpack(self.codes, self.bits, _numel(self.shape)).reshape(self.shape)
+        q = unpack(self.codes, self.bits, math.prod(self.shape)).reshape(self.shape)
         qg, _ = _grouped(q, self.axis, self.group)
         x = qg.float() * self.scale.float() + self.zero.float()
         return _ungrouped(x, self.axis, self.shape).to(dtype)
@@ -268,7 +269,10 @@ class ChannelSplit:
     def decode_meta(self, keep: list[torch.Tensor]) -> list[int] | None:
         """How the compiled decode kernel reads this block (``kernels/cpu.py``), None if it cannot."""
         parts = [getattr(p, "decode_meta", lambda k: None)(keep) for p in (self.normal, self.special)]
-        return cpu.split_meta(self.column_map(), self.shape[1], self.shape[3], *parts)
+        runs = self.__dict__.get("_colruns")
+        if runs is None:
+            runs = self.__dict__["_colruns"] = cpu.split_runs(self.column_map())
+        return cpu.split_meta(self.column_map(), runs, self.shape[1], self.shape[3], *parts)
 
     @property
     def width(self) -> int:
@@ -297,9 +301,3 @@ def rest_columns(n: int, cols: torch.Tensor) -> torch.Tensor:
     keep[cols] = 0
     return torch.argsort(keep, descending=True, stable=True)[: n - cols.numel()]
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -132,12 +132,27 @@ def packed_meta(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     return row + [0] * (META - len(row))
 
 
-def split_meta(colmap: torch.Tensor, h: int, d: int, normal: list[int] | None, special: list[int] | None
-               ) -> list[int] | None:
-    """Meta row of a channel split: int32 column map ``[H*D]`` and its two parts' (unsplit) rows."""
+def split_runs(colmap: torch.Tensor) -> torch.Tensor:
+    """int32 ``[n_runs, 4]`` (part 0 normal / 1 special, first output column, first part column, length): the runs of
+    adjacent columns of a channel split's column map ``[H*D]`` (``ChannelSplit.column_map``), so the kernel copies
+    a few runs per row instead of gathering every column."""
+    cm = colmap.to(torch.int64)
+    part = (cm < 0).to(torch.int64)
+    src = torch.where(cm < 0, -cm - 1, cm)
+    start = torch.ones_like(cm, dtype=torch.bool)
+    start[1:] = (part[1:] != part[:-1]) | (src[1:] != src[:-1] + 1)
+    first = start.nonzero().squeeze(1)
+    length = torch.diff(first, append=torch.tensor([cm.numel()], device=cm.device))
+    return torch.stack([part[first], first, src[first], length], dim=1).to(torch.int32).contiguous()
+
+
+def split_meta(colmap: torch.Tensor, runs: torch.Tensor, h: int, d: int, normal: list[int] | None,
+               special: list[int] | None) -> list[int] | None:
+    """Meta row of a channel split: int32 column map ``[H*D]``, its runs (``split_runs``) and its two parts'
+    (unsplit) rows."""
     if normal is None or special is None or normal[0] >= 2 or special[0] >= 2:
         return None
-    return [2, colmap.data_ptr(), h, d] + [0] * 12 + normal[:16] + special[:16]
+    return [2, colmap.data_ptr(), h, d, runs.data_ptr(), runs.shape[0]] + [0] * 10 + normal[:16] + special[:16]
 
 
 def sparse_meta(base: list[int] | None, index: torch.Tensor, values: torch.Tensor,

@@ -113,12 +113,13 @@ struct Dec {
       }
       return;
     }
-    // split: colmap, H, D; parts at +16 (normal), +32 (special)
-    const int32_t* cm = reinterpret_cast<const int32_t*>(m[1]);
+    // split: colmap, H, D, runs (part, first column, first part column, length) and their count; parts at +16
+    // (normal), +32 (special)
     sub[0].row(bi, t, a.data());
     sub[1].row(bi, t, b.data());
-    const int64_t n = m[2] * m[3];
-    for (int64_t i = 0; i < n; ++i) out[i] = cm[i] >= 0 ? a[cm[i]] : b[-cm[i] - 1];
+    const int32_t* rn = reinterpret_cast<const int32_t*>(m[4]);
+    for (int64_t r = 0; r < m[5]; ++r, rn += 4)
+      std::memcpy(out + rn[1], (rn[0] ? b.data() : a.data()) + rn[2], sizeof(float) * rn[3]);
   }
 };
 
