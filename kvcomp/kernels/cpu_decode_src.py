@@ -6,7 +6,8 @@ a thread decodes the rows of all KV heads of one token (``Dec::row``), rotates t
 row, scores the ``G`` query heads of each KV head (query pre-scaled), and keeps per query head a running
 (max, sum, accumulator) updated once per ``TB`` tokens; the threads' partial states (the block's tokens split in
 ``n_threads`` ranges, flash-decoding) are merged into ``m``/``l``/``acc`` in place. RoPE rows come straight
-from the rope's cos/sin table ``[P, D]`` at the tokens' int32 positions (``pos``; empty: row ``j`` of ``cos``).
+from the rope's cos/sin table ``[P, D]`` at the tokens' int32 positions (``pos``; empty: row ``j`` of ``cos``), or
+from its first half ``[P, D/2]`` when both halves are equal (half the table's bytes read per token).
 """
 
 DECODE_SOURCE = r"""
@@ -160,6 +161,7 @@ void decode_partial(torch::Tensor q, torch::Tensor kmeta, torch::Tensor vmeta, i
   const float* sn = opt(sin);
   const int32_t* ps_ = pos.numel() ? pos.data_ptr<int32_t>() : nullptr;  // table row of token j (null: row j)
   const int64_t RD = cos.numel() ? cos.size(1) : D;
+  const int64_t off = RD == D / 2 ? 0 : D / 2;  // a half table (both halves equal): one row serves both halves
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 256));
   const int64_t per = (n + nch - 1) / nch;
@@ -194,7 +196,7 @@ void decode_partial(torch::Tensor q, torch::Tensor kmeta, torch::Tensor vmeta, i
 #pragma omp simd
               for (int64_t d = 0; d < hd; ++d) {
                 out[d] = kk[d] * c[d] - kk[d + hd] * si[d];
-                out[d + hd] = kk[d + hd] * c[d + hd] + kk[d] * si[d + hd];
+                out[d + hd] = kk[d + hd] * c[d + off] + kk[d] * si[d + off];
               }
               k = kr.data();
             }
