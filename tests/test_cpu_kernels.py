@@ -105,3 +105,20 @@ def test_shared_beam_rows_equal_the_oracle(case: str) -> None:
         got = (decode_attention_cpu(q, layer.history(), k, k, 32**-0.5, layer.rope) if n == 1 else
                chunk_attention(q, layer.history(), k, k, 32**-0.5, layer.rope))
         assert (got[0] - want).abs().max() < 1e-4, (case, n)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("d", [7, 13, 30])
+def test_rows_starting_inside_a_byte_unpack_like_the_reference(bits: int, d: int) -> None:
+    """Widths that are no multiple of a byte's codes (a channel split's normal part): rows start and end inside a
+    byte; the compiled unpack (leading codes, whole bytes, trailing codes) equals the plain-torch gather."""
+    from kvcomp.cache.quant import quantize
+
+    x = torch.randn(2, 3, 11, d, generator=torch.Generator().manual_seed(bits * d))
+    for axis in ("token", "channel"):
+        block = quantize(x, bits, axis, 0)
+        for t0, t1 in ((0, 11), (3, 8), (10, 11)):
+            want = torch.empty(2, 3, t1 - t0, d)
+            block.tile_reference(t0, t1, want)
+            got = block.tile_into(t0, t1, torch.empty(2, 3, t1 - t0, d))
+            assert torch.allclose(got, want, atol=1e-6, rtol=0), (bits, d, axis, t0)

@@ -19,8 +19,9 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from kvcomp.cache.accounting import held_tensors, layer_stats, select_state_rows
+from kvcomp.cache.arena import Arena
 from kvcomp.cache.oracle import materialize, materialized_attention
-from kvcomp.cache.storage import Rows, Stored
+from kvcomp.cache.storage import Stored
 from kvcomp.kernels.chunk import History, chunk_attention, scope
 from kvcomp.kernels.decode import decode_attention_cpu
 from kvcomp.model.rope import Rope
@@ -54,9 +55,7 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def reset(self) -> None:
-        self.k_blocks: list[Stored] = []
-        self.v_blocks: list[Stored] = []
-        self.pos_blocks: list[torch.Tensor] = []  # int32 [T_i] absolute positions per segment
+        self.arena = Arena()  # the stored tokens: width arenas and pages (``arena.py``)
         self.res_k: torch.Tensor | None = None  # [B, H, R, D] (pre-RoPE when rope is set)
         self.res_v: torch.Tensor | None = None
         self.res_pos: torch.Tensor | None = None  # int32 [R]
@@ -73,10 +72,23 @@ class CompressedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    @property
+    def k_blocks(self) -> list[Stored]:
+        """K of each arena slot (``Arena.segments``): a width arena's view, or a page's block."""
+        return [k for k, _, _ in self.arena.segments()]
+
+    @property
+    def v_blocks(self) -> list[Stored]:
+        return [v for _, v, _ in self.arena.segments()]
+
+    @property
+    def pos_blocks(self) -> list[torch.Tensor]:
+        """int32 absolute positions of each slot's tokens."""
+        return [p for _, _, p in self.arena.segments()]
+
     def held(self) -> int:
         """Tokens this layer holds (packed + residual); < seen when tokens were dropped."""
-        n = sum(int(p.numel()) for p in self.pos_blocks)
-        return n + (0 if self.res_pos is None else int(self.res_pos.numel()))
+        return self.arena.held() + (0 if self.res_pos is None else int(self.res_pos.numel()))
 
     def held_positions(self) -> torch.Tensor:
         """Absolute positions (int32) of the held tokens, in the order ``materialize`` returns them."""
@@ -103,8 +115,9 @@ class CompressedLayer(CacheLayerMixin):
 
     def history(self) -> History:
         """What this layer holds now, as a view that later stores leave unchanged."""
-        return History(list(self.k_blocks), list(self.v_blocks), list(self.pos_blocks), self.res_k, self.res_v,
-                       self.res_pos)
+        segs = self.arena.segments()
+        return History([k for k, _, _ in segs], [v for _, v, _ in segs], [p for _, _, p in segs], self.res_k,
+                       self.res_v, self.res_pos)
 
     def attend(self, query: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, scale: float,
                impl: str = "tiled", window: int | None = None, softcap: float | None = None) -> torch.Tensor:
@@ -199,11 +212,10 @@ class CompressedLayer(CacheLayerMixin):
             if bool((bits == -1).all()):
                 bits = None
         for seg in self.quantizer.compress(k, v, pos, self.state, bits, decode=decode):
-            self.k_blocks.append(seg.keys)
-            self.v_blocks.append(seg.values)
-            self.pos_blocks.append(pos if seg.index is None else pos[seg.index])
-        for i, (kb, vb) in self.quantizer.requantize(list(zip(self.k_blocks, self.v_blocks)), self.state).items():
-            self.k_blocks[i], self.v_blocks[i] = kb, vb
+            self.arena.append(seg.keys, seg.values, pos if seg.index is None else pos[seg.index])
+        blocks = [(kb, vb) for kb, vb, _ in self.arena.segments()]
+        for i, (kb, vb) in self.quantizer.requantize(blocks, self.state).items():
+            self.arena.replace(i, kb, vb)
 
     def stats(self) -> dict[str, Any]:
         """Bytes and element counts of everything this layer holds (``accounting.layer_stats``)."""
@@ -229,8 +241,7 @@ class CompressedLayer(CacheLayerMixin):
         if b == 0:
             return
         rows = rows.to(device=self.device, dtype=torch.long)
-        self.k_blocks = [Rows.of(k, rows) for k in self.k_blocks]
-        self.v_blocks = [Rows.of(v, rows) for v in self.v_blocks]
+        self.arena.select_rows(rows)
         if self.res_k is not None:
             self.res_k, self.res_v = self.res_k.index_select(0, rows), self.res_v.index_select(0, rows)
         self.state = select_state_rows(self.state, rows, b)

@@ -13,12 +13,14 @@ statistic is outside fp16's range, so huge inputs never turn into Inf/NaN.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from kvcomp.cache import tiles
 from kvcomp.cache.packing import pack_float, unpack
+from kvcomp.cache.slices import PackedSlice
 from kvcomp.cache.storage import Stored
 from kvcomp.cache.tiles import column_runs
 from kvcomp.kernels import cpu
@@ -70,7 +72,7 @@ class Packed:
     group: int
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        q = unpack(self.codes, self.bits, _numel(self.shape)).reshape(self.shape)
+        q = unpack(self.codes, self.bits, math.prod(self.shape)).reshape(self.shape)
         qg, _ = _grouped(q, self.axis, self.group)
         x = qg.float() * self.scale.float() + self.zero.float()
         return _ungrouped(x, self.axis, self.shape).to(dtype)
@@ -100,6 +102,28 @@ class Packed:
         """How the compiled decode kernel reads this block (``kernels/cpu.py``), None if it cannot."""
         return cpu.packed_meta(self.codes, self.scale, self.zero, self.bits, self.shape, self.axis == "token",
                                self.group)
+
+    def arena_key(self) -> tuple | None:
+        """The layout a width arena (``arena.py``) shares: per-token groups, each token's codes whole bytes."""
+        b, h, _, d = self.shape
+        if self.axis != "token" or d % (8 if self.bits == 3 else 8 // self.bits):
+            return None
+        return "packed", self.bits, self.group, b, h, d, self.scale.dtype, self.codes.device
+
+    def arena_parts(self) -> list[torch.Tensor]:
+        """Codes, scales, zero points as ``[B*H, T, -1]`` token rows (what a width arena appends)."""
+        b, h, t, _ = self.shape
+        return [x.view(b * h, t, -1) for x in (self.codes, self.scale, self.zero)]
+
+    def arena_block(self, rows: list[torch.Tensor], t: int) -> Packed:
+        """A block of this layout over token rows ``rows`` (``arena_parts``' form) of ``t`` tokens."""
+        b, h, _, d = self.shape
+        return Packed(rows[0].view(-1), rows[1].view(b, h, t, -1, 1), rows[2].view(b, h, t, -1, 1), self.bits,
+                      (b, h, t, d), self.axis, self.group)
+
+    def arena_view(self, bufs: list[torch.Tensor], n: int) -> PackedSlice:
+        """The first ``n`` tokens of a width arena's buffers ``bufs`` (``[B*H, capacity, -1]``)."""
+        return PackedSlice(self.arena_block(bufs, bufs[0].shape[1]), n)
 
     @property
     def width(self) -> int:
@@ -245,7 +269,10 @@ class ChannelSplit:
     def decode_meta(self, keep: list[torch.Tensor]) -> list[int] | None:
         """How the compiled decode kernel reads this block (``kernels/cpu.py``), None if it cannot."""
         parts = [getattr(p, "decode_meta", lambda k: None)(keep) for p in (self.normal, self.special)]
-        return cpu.split_meta(self.column_map(), self.shape[1], self.shape[3], *parts)
+        runs = self.__dict__.get("_colruns")
+        if runs is None:
+            runs = self.__dict__["_colruns"] = cpu.split_runs(self.column_map())
+        return cpu.split_meta(self.column_map(), runs, self.shape[1], self.shape[3], *parts)
 
     @property
     def width(self) -> int:
@@ -274,9 +301,3 @@ def rest_columns(n: int, cols: torch.Tensor) -> torch.Tensor:
     keep[cols] = 0
     return torch.argsort(keep, descending=True, stable=True)[: n - cols.numel()]
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

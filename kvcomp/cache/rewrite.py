@@ -2,10 +2,12 @@
 
 ``demote(layer, bits)`` takes one width per held token (``[held]``, in the layer's order: packed blocks,
 then the residual; 0 = drop, -1 = keep as is) and never raises a width: a token ends at
-``min(its width, bits)``. A block with no change is left untouched (bit-exact); a changed block is
-dequantized and its kept tokens re-encoded with the quantizer's ``store`` (statistics not updated), at
-their old or lowered widths, so unchanged tokens of that block may move by up to half a step of the
-new grid. Residual (full-precision, not yet flushed) tokens can only be dropped.
+``min(its width, bits)``. A slot (``arena.py``) with no change is left as stored (bit-exact); in a changed
+slot, the tokens whose width stays are copied as stored where the slot is a width arena (bit-exact), and the
+others (all kept tokens of a changed page) are dequantized and re-encoded with the quantizer's ``store``
+(statistics not updated) at their old or lowered widths, so a page's unchanged tokens may move by up to half a
+step of the new grid. The layer's arena is rebuilt from the result.
+Residual (full-precision, not yet flushed) tokens can only be dropped.
 """
 
 from __future__ import annotations
@@ -13,6 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from kvcomp.cache.arena import Arena, arena_key
+
+
+def _rows(block: Any, idx: torch.Tensor) -> Any:
+    """Tokens ``idx`` of an arena-layout block, their stored rows copied (bit-exact)."""
+    parts = [p.index_select(1, idx) for p in block.arena_parts()]
+    return block.arena_view(parts, int(idx.numel()))
 
 
 def held_positions(layer: Any) -> torch.Tensor:
@@ -25,21 +35,25 @@ def demote(layer: Any, bits: torch.Tensor) -> int:
     """Apply widths ``bits`` [held] to ``layer`` (no promotion); returns the number of tokens dropped."""
     if bits.numel() != layer.held():
         raise ValueError(f"layer {layer.layer_idx}: {bits.numel()} widths for {layer.held()} held tokens")
-    k_blocks, v_blocks, p_blocks = [], [], []
+    arena = Arena()
     o = dropped = 0
-    for kb, vb, pos in zip(layer.k_blocks, layer.v_blocks, layer.pos_blocks, strict=True):
+    for kb, vb, pos in layer.arena.segments():
         n = int(pos.numel())
         want = bits[o : o + n].to(pos.device)
         o += n
         w = kb.width
         target = torch.where((want >= 0) & (want < w), want, torch.full_like(want, w))
-        if bool((target == w).all()):
-            k_blocks.append(kb)
-            v_blocks.append(vb)
-            p_blocks.append(pos)
+        same = target == w
+        if bool(same.all()):
+            arena.append(kb, vb, pos)
             continue
         keep = target != 0
         dropped += int((~keep).sum())
+        if arena_key(kb) is not None and arena_key(vb) is not None:  # arena rows: unchanged tokens copied as stored
+            idx = same.nonzero().squeeze(1)
+            if idx.numel():
+                arena.append(_rows(kb, idx), _rows(vb, idx), pos[idx])
+            keep = keep & ~same
         if not bool(keep.any()):
             continue
         # a dense block is re-stored in its own dtype (bit-exact); codes are decoded to float32
@@ -47,10 +61,8 @@ def demote(layer: Any, bits: torch.Tensor) -> int:
         k, v = kb.dequantize(dtype)[..., keep, :], vb.dequantize(dtype)[..., keep, :]
         kept_pos = pos[keep]
         for seg in layer.quantizer.store(k, v, kept_pos, layer.state, target[keep]):
-            k_blocks.append(seg.keys)
-            v_blocks.append(seg.values)
-            p_blocks.append(kept_pos if seg.index is None else kept_pos[seg.index])
-    layer.k_blocks, layer.v_blocks, layer.pos_blocks = k_blocks, v_blocks, p_blocks
+            arena.append(seg.keys, seg.values, kept_pos if seg.index is None else kept_pos[seg.index])
+    layer.arena = arena
     if layer.res_pos is not None:
         keep = bits[o:].to(layer.res_pos.device) != 0
         dropped += int((~keep).sum())

@@ -87,6 +87,19 @@ class Dense:
     def tensors(self) -> list[torch.Tensor]:
         return [self.data]
 
+    def arena_key(self) -> tuple | None:
+        """The layout a width arena (``arena.py``) shares: dtype and ``[B, H, *, D]``."""
+        b, h, _, d = self.data.shape
+        return "dense", self.data.dtype, b, h, d, self.data.device
+
+    def arena_parts(self) -> list[torch.Tensor]:
+        b, h, t, d = self.data.shape
+        return [self.data.reshape(b * h, t, d)]
+
+    def arena_view(self, bufs: list[torch.Tensor], n: int) -> Dense:
+        b, h, _, d = self.data.shape
+        return Dense(bufs[0].view(b, h, -1, d)[:, :, :n])
+
     @property
     def width(self) -> int:
         return 16

@@ -132,23 +132,38 @@ def packed_meta(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     return row + [0] * (META - len(row))
 
 
-def split_meta(colmap: torch.Tensor, h: int, d: int, normal: list[int] | None, special: list[int] | None
-               ) -> list[int] | None:
-    """Meta row of a channel split: int32 column map ``[H*D]`` and its two parts' (unsplit) rows."""
+def split_runs(colmap: torch.Tensor) -> torch.Tensor:
+    """int32 ``[n_runs, 4]`` (part 0 normal / 1 special, first output column, first part column, length): the runs of
+    adjacent columns of a channel split's column map ``[H*D]`` (``ChannelSplit.column_map``), so the kernel copies
+    a few runs per row instead of gathering every column."""
+    cm = colmap.to(torch.int64)
+    part = (cm < 0).to(torch.int64)
+    src = torch.where(cm < 0, -cm - 1, cm)
+    start = torch.ones_like(cm, dtype=torch.bool)
+    start[1:] = (part[1:] != part[:-1]) | (src[1:] != src[:-1] + 1)
+    first = start.nonzero().squeeze(1)
+    length = torch.diff(first, append=torch.tensor([cm.numel()], device=cm.device))
+    return torch.stack([part[first], first, src[first], length], dim=1).to(torch.int32).contiguous()
+
+
+def split_meta(colmap: torch.Tensor, runs: torch.Tensor, h: int, d: int, normal: list[int] | None,
+               special: list[int] | None) -> list[int] | None:
+    """Meta row of a channel split: int32 column map ``[H*D]``, its runs (``split_runs``) and its two parts'
+    (unsplit) rows."""
     if normal is None or special is None or normal[0] >= 2 or special[0] >= 2:
         return None
-    return [2, colmap.data_ptr(), h, d] + [0] * 12 + normal[:16] + special[:16]
+    return [2, colmap.data_ptr(), h, d, runs.data_ptr(), runs.shape[0]] + [0] * 10 + normal[:16] + special[:16]
 
 
 def sparse_meta(base: list[int] | None, index: torch.Tensor, values: torch.Tensor,
                 shape: tuple[int, int, int, int], keep: list[torch.Tensor]) -> list[int] | None:
     """Meta row of a dense-and-sparse block: its (unsplit, unsparse) base's row and its outliers (sorted int32 flat
-    indices into ``[B, H, T, D]``, values), with int32 row pointers ``[B*H*T + 1]`` built here (to ``keep``)."""
+    indices into ``[B, H, T, D]``, values; the kernel finds each row's first outlier itself, so nothing is built
+    per step; contiguous copies, where needed, go to ``keep``)."""
     if base is None or base[0] >= 2 or values.dtype not in DTYPES or index.dtype != torch.int32:
         return None
-    b, h, t, d = shape
-    bounds = torch.arange(0, b * h * t + 1, dtype=torch.int64, device=index.device) * d
-    rowptr = torch.searchsorted(index, bounds.to(torch.int32), out_int32=True)
-    keep += [rowptr, index.contiguous(), values.contiguous()]
-    return [3, rowptr.data_ptr(), keep[-2].data_ptr(), keep[-1].data_ptr(), DTYPES[values.dtype], h, d, t,
+    _, h, t, d = shape
+    ix, vals = index.contiguous(), values.contiguous()
+    keep += [x for x, y in ((ix, index), (vals, values)) if x is not y]
+    return [3, int(ix.numel()), ix.data_ptr(), vals.data_ptr(), DTYPES[values.dtype], h, d, t,
             *([0] * 8), *base[:16], *([0] * 16)]

@@ -6,7 +6,8 @@ a thread decodes the rows of all KV heads of one token (``Dec::row``), rotates t
 row, scores the ``G`` query heads of each KV head (query pre-scaled), and keeps per query head a running
 (max, sum, accumulator) updated once per ``TB`` tokens; the threads' partial states (the block's tokens split in
 ``n_threads`` ranges, flash-decoding) are merged into ``m``/``l``/``acc`` in place. RoPE rows come straight
-from the rope's cos/sin table ``[P, D]`` at the tokens' int32 positions (``pos``; empty: row ``j`` of ``cos``).
+from the rope's cos/sin table ``[P, D]`` at the tokens' int32 positions (``pos``; empty: row ``j`` of ``cos``), or
+from its first half ``[P, D/2]`` when both halves are equal (half the table's bytes read per token).
 """
 
 DECODE_SOURCE = r"""
@@ -24,6 +25,7 @@ struct Dec {
   const int64_t* m;
   std::vector<Dec> sub;
   std::vector<float> srow, zrow, a, b;
+  std::vector<int64_t> cur, prev;  // sparse: per head, where the last row read ended and which row it was
   int64_t last = -1;
   explicit Dec(const int64_t* meta) : m(meta) {
     if (m[0] == 2) {
@@ -33,6 +35,8 @@ struct Dec {
       b.resize(sub[1].width());
     } else if (m[0] == 3) {
       sub.emplace_back(meta + 16);
+      cur.assign(m[5], 0);
+      prev.assign(m[5], -2);
     } else if (m[0] == 1) {
       srow.resize(m[6] * m[8]);
       zrow.resize(m[6] * m[8]);
@@ -47,15 +51,20 @@ struct Dec {
     }
   }
   void row(int64_t bi, int64_t t, float* out) {
-    if (m[0] == 3) {  // sparse: row pointers, int32 flat index, values, their dtype, H, D, T; base at +16
+    if (m[0] == 3) {  // sparse: outlier count, sorted int32 flat index, values, their dtype, H, D, T; base at +16
       sub[0].row(bi, t, out);
-      const int32_t* rp = reinterpret_cast<const int32_t*>(m[1]);
+      const int64_t nnz = m[1];
       const int32_t* ix = reinterpret_cast<const int32_t*>(m[2]);
       const void* vals = reinterpret_cast<const void*>(m[3]);
       const int64_t H = m[5], D = m[6], T = m[7];
       for (int64_t h = 0; h < H; ++h) {
         const int64_t r = (bi * H + h) * T + t;
-        for (int32_t k = rp[r]; k < rp[r + 1]; ++k) out[h * D + (ix[k] - r * D)] = loadf(vals, m[4], k);
+        // the row's first outlier: where the previous row of this head ended (rows are read in order), else a
+        // binary search; no row pointers are held or built
+        int64_t k = prev[h] == r - 1 ? cur[h] : std::lower_bound(ix, ix + nnz, (int64_t)(r * D)) - ix;
+        for (; k < nnz && ix[k] < (r + 1) * D; ++k) out[h * D + (ix[k] - r * D)] = loadf(vals, m[4], k);
+        cur[h] = k;
+        prev[h] = r;
       }
       return;
     }
@@ -105,12 +114,13 @@ struct Dec {
       }
       return;
     }
-    // split: colmap, H, D; parts at +16 (normal), +32 (special)
-    const int32_t* cm = reinterpret_cast<const int32_t*>(m[1]);
+    // split: colmap, H, D, runs (part, first column, first part column, length) and their count; parts at +16
+    // (normal), +32 (special)
     sub[0].row(bi, t, a.data());
     sub[1].row(bi, t, b.data());
-    const int64_t n = m[2] * m[3];
-    for (int64_t i = 0; i < n; ++i) out[i] = cm[i] >= 0 ? a[cm[i]] : b[-cm[i] - 1];
+    const int32_t* rn = reinterpret_cast<const int32_t*>(m[4]);
+    for (int64_t r = 0; r < m[5]; ++r, rn += 4)
+      std::memcpy(out + rn[1], (rn[0] ? b.data() : a.data()) + rn[2], sizeof(float) * rn[3]);
   }
 };
 
@@ -151,6 +161,7 @@ void decode_partial(torch::Tensor q, torch::Tensor kmeta, torch::Tensor vmeta, i
   const float* sn = opt(sin);
   const int32_t* ps_ = pos.numel() ? pos.data_ptr<int32_t>() : nullptr;  // table row of token j (null: row j)
   const int64_t RD = cos.numel() ? cos.size(1) : D;
+  const int64_t off = RD == D / 2 ? 0 : D / 2;  // a half table (both halves equal): one row serves both halves
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 256));
   const int64_t per = (n + nch - 1) / nch;
@@ -185,7 +196,7 @@ void decode_partial(torch::Tensor q, torch::Tensor kmeta, torch::Tensor vmeta, i
 #pragma omp simd
               for (int64_t d = 0; d < hd; ++d) {
                 out[d] = kk[d] * c[d] - kk[d + hd] * si[d];
-                out[d + hd] = kk[d + hd] * c[d + hd] + kk[d] * si[d + hd];
+                out[d + hd] = kk[d + hd] * c[d + off] + kk[d] * si[d + off];
               }
               k = kr.data();
             }

@@ -50,35 +50,37 @@ inline void unpack_row(const uint8_t* codes, int bits, int64_t e0, int64_t D, fl
     }
     return;
   }
+  // 2/4 bit: the codes before the row's first whole byte (a row starting inside a byte, e.g. the normal part of a
+  // channel split with an odd width), the whole bytes, then the codes of a last partial byte
   const int per = 8 / bits;
   const uint32_t mask = (1u << bits) - 1u;
-  if (e0 % per == 0 && D % per == 0) {
-    const uint8_t* c = codes + e0 / per;
-    if (bits == 4) {
-      for (int64_t k = 0; k < D / 2; ++k) {
-        uint8_t byte = c[k];
-        row[2 * k] = (float)(byte & 15u);
-        row[2 * k + 1] = (float)(byte >> 4);
-      }
-    } else {
-      for (int64_t k = 0; k < D / 4; ++k) {
-        uint8_t byte = c[k];
-        row[4 * k] = (float)(byte & 3u);
-        row[4 * k + 1] = (float)((byte >> 2) & 3u);
-        row[4 * k + 2] = (float)((byte >> 4) & 3u);
-        row[4 * k + 3] = (float)(byte >> 6);
-      }
-    }
-    return;
-  }
-  // a row starting inside a byte (e.g. the normal part of a channel split with an odd width): walk the bits
   const uint8_t* c = codes + e0 / per;
+  int64_t d = 0;
   int sh = (int)(e0 % per) * bits;
-  for (int64_t d = 0; d < D; ++d) {
-    row[d] = (float)((*c >> sh) & mask);
-    sh += bits;
-    if (sh == 8) { sh = 0; ++c; }
+  if (sh) {
+    for (; d < D && sh < 8; ++d, sh += bits) row[d] = (float)((*c >> sh) & mask);
+    ++c;
   }
+  const int64_t nb = (D - d) / per;
+  float* r = row + d;
+  if (bits == 4) {
+    for (int64_t k = 0; k < nb; ++k) {
+      const uint8_t byte = c[k];
+      r[2 * k] = (float)(byte & 15u);
+      r[2 * k + 1] = (float)(byte >> 4);
+    }
+  } else {
+    for (int64_t k = 0; k < nb; ++k) {
+      const uint8_t byte = c[k];
+      r[4 * k] = (float)(byte & 3u);
+      r[4 * k + 1] = (float)((byte >> 2) & 3u);
+      r[4 * k + 2] = (float)((byte >> 4) & 3u);
+      r[4 * k + 3] = (float)(byte >> 6);
+    }
+  }
+  d += nb * per;
+  c += nb;
+  for (sh = 0; d < D; ++d, sh += bits) row[d] = (float)((*c >> sh) & mask);
 }
 
 inline void write_row(const float* row, int64_t D, float* o, const float* cs, const float* sn) {

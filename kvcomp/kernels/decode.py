@@ -16,6 +16,7 @@ where the kernels are off or the model's RoPE is not the split-half rotation (th
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -31,6 +32,23 @@ def _dense(x: torch.Tensor, keep: list[torch.Tensor]) -> torch.Tensor | None:
     return None if row is None else torch.tensor(row, dtype=torch.int64)
 
 
+def half_table(rope: Any, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rope's cos/sin table ``[P, D]`` reaching position ``top``, as its first halves ``[P, D/2]`` when both
+    halves are equal (the LLaMA table: one frequency per channel pair), so the kernel reads half the bytes per
+    token; else the table itself. Checked and copied once per table (the rope's current table is held beside
+    the copy, so a replaced table is recognised by identity)."""
+    cos, sin = rope.table(top)
+    hit = _HALF.get(rope)
+    if hit is None or hit[0] is not cos or hit[1] is not sin:
+        h = cos.shape[-1] // 2
+        same = cos.shape[-1] % 2 == 0 and torch.equal(cos[:, :h], cos[:, h:]) and torch.equal(sin[:, :h], sin[:, h:])
+        hit = _HALF[rope] = (cos, sin, *((cos[:, :h].contiguous(), sin[:, :h].contiguous()) if same else (cos, sin)))
+    return hit[2], hit[3]
+
+
+_HALF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def history_top(history: Any) -> int:
     """1 + the largest stored position (the rope table must reach it)."""
     tops = [int(p.max()) + 1 for _, _, p in history.segments() if p.numel()]
@@ -39,8 +57,7 @@ def history_top(history: Any) -> int:
 
 def _meta(block: Any, keep: list[torch.Tensor]) -> torch.Tensor | None:
     """The block's decode meta row as an int64 tensor (what it points into goes to ``keep``), cached on the block
-    (stored blocks never change) unless it needed transients built for this call (a sparse block's row
-    pointers: recomputed each step rather than held beside the block, where kv_bytes would not count them)."""
+    (stored blocks never change) unless it needed transients built for this call (contiguous copies)."""
     cached = block.__dict__.get("_decode_meta") if hasattr(block, "__dict__") else None
     if cached is not None:
         return cached
@@ -66,7 +83,7 @@ def decode_attention_cpu(query: torch.Tensor, history: Any, new_k: torch.Tensor,
     q = (query.float().reshape(b, hkv, g, d) * scale).contiguous()
     m = torch.full((b, hkv, g), float("-inf"))
     l, acc = torch.zeros(b, hkv, g), torch.zeros(b, hkv, g, d)
-    table = rope.table(history_top(history)) if rope is not None else None
+    table = half_table(rope, history_top(history)) if rope is not None else None
     segs = [*history.segments(), (new_k, new_v, None)]
     for kb, vb, pos in segs:
         keep: list[torch.Tensor] = []

@@ -4,10 +4,11 @@ A block pair is fused when K and V are each ``Packed`` at 2/4/8 bits, or ``Spars
 of one shape ``[B, Hkv, T, D]``. Pairs with the same layout signature (widths, axes, stat and outlier
 dtypes, sparsity) share one launch, described by
 
-- ``meta`` int64 ``[n_blocks, 18]``, one row per block: addresses of K codes/scale/zero, V
-  codes/scale/zero, int32 positions (0 without RoPE), then ``T``, K ``n_groups``/``group``, V
-  ``n_groups``/``group``, then for K and for V: outlier index/values addresses and the address of the
-  outlier tile pointers (int64 ``[B*H, ceil(T / block_t) + 1]``, from ``searchsorted``), 0 if not sparse;
+- ``meta`` int64 ``[n_blocks, 19]``, one row per block: addresses of K codes/scale/zero, V
+  codes/scale/zero, int32 positions (0 without RoPE), then ``T`` (the layout's token count: a width
+  arena's capacity), K ``n_groups``/``group``, V ``n_groups``/``group``, then for K and for V: outlier
+  index/values addresses and the address of the outlier tile pointers (int64 ``[B*H, ceil(T / block_t) + 1]``,
+  from ``searchsorted``), 0 if not sparse; last the number of stored tokens ``n <= T`` the kernel reads;
 - ``splits`` int32 ``[n_programs, 2]``: (row in ``meta``, first token) per ``split`` tokens of a block.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-NMETA = 18
+NMETA = 19
 FUSED_BITS = (2, 4, 8)
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -40,7 +41,7 @@ def _tile_ptrs(sp: Any, block_t: int) -> torch.Tensor:
 
 
 def _row(keep: list[torch.Tensor], kp: Any, vp: Any, ksp: Any | None, vsp: Any | None,
-         pos: torch.Tensor | None, block_t: int) -> list[int]:
+         pos: torch.Tensor | None, block_t: int, n: int) -> list[int]:
     """One block's table row. Tensors the blocks hold stay theirs (the plan must not keep a reset layer's
     blocks alive); copies made here (non-contiguous inputs, outlier tile pointers) go to ``keep``."""
 
@@ -60,7 +61,7 @@ def _row(keep: list[torch.Tensor], kp: Any, vp: Any, ksp: Any | None, vsp: Any |
         if sp is not None:
             keep.append(_tile_ptrs(sp, block_t))
         row += [0, 0, 0] if sp is None else [ptr(sp.index), ptr(sp.values), keep[-1].data_ptr()]
-    return row
+    return [*row, n]
 
 
 def plan(layer: Any, block_t: int, split: int) -> tuple[list[dict[str, Any]], list[int]]:
@@ -81,12 +82,15 @@ def plan(layer: Any, block_t: int, split: int) -> tuple[list[dict[str, Any]], li
             other.append(i)
             continue
         (kp, ksp), (vp, vsp) = kpart, vpart
+        if kp.shape[2] != vp.shape[2]:  # one layout T addresses both
+            other.append(i)
+            continue
         sig = (kp.bits, vp.bits, kp.axis == "token", vp.axis == "token", ksp is not None, vsp is not None,
                kp.scale.dtype, vp.scale.dtype, ksp.values.dtype if ksp else torch.float16,
                vsp.values.dtype if vsp else torch.float16)
         grp = groups.setdefault(sig, {"sig": sig, "rows": [], "splits": [], "keep": []})
         grp["splits"] += [(len(grp["rows"]), s) for s in range(0, kb.shape[2], split)]
-        grp["rows"].append(_row(grp["keep"], kp, vp, ksp, vsp, pos if rope else None, block_t))
+        grp["rows"].append(_row(grp["keep"], kp, vp, ksp, vsp, pos if rope else None, block_t, kb.shape[2]))
     dev = layer.device
     out = []
     for grp in groups.values():

@@ -127,10 +127,10 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, D], tl.float32)
         for si in range(sp * per, tl.minimum(sp * per + per, n_entries)):
-            meta = meta_ptr + tl.load(split_ptr + 2 * si).to(tl.int64) * 18
+            meta = meta_ptr + tl.load(split_ptr + 2 * si).to(tl.int64) * 19
             t_start = tl.load(split_ptr + 2 * si + 1)
-            T = tl.load(meta + 7)
-            t_end = tl.minimum(t_start + SPLIT, T)
+            T = tl.load(meta + 7)  # the layout's token count (a width arena: its capacity)
+            t_end = tl.minimum(t_start + SPLIT, tl.load(meta + 18))  # the stored tokens
             kc = tl.load(meta + 0).to(tl.pointer_type(tl.uint8))
             ks = tl.load(meta + 1).to(tl.pointer_type(K_ST))
             kz = tl.load(meta + 2).to(tl.pointer_type(K_ST))

@@ -111,3 +111,7 @@ class LiveKVQuant(Quantizer):
 
 class WarmupBlock(Dense):
     """An fp16 warm-up block that ``requantize_warmup`` re-encodes once the statistics are settled."""
+
+    def arena_key(self) -> tuple | None:
+        """Kept apart (a page of the arena): ``requantize`` finds and replaces it whole."""
+        return None
