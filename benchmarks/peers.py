@@ -81,14 +81,11 @@ def rows_for(ratios: list[float]) -> list[dict[str, Any]]:
 
 
 def calibrate(rows: list[dict[str, Any]], spec: dict[str, Any], tmp: Path) -> None:
-    """Equal bytes by construction: every kvcomp row with a ``target`` compression ratio ``r`` gets the keep ratio
-    at which the bytes its cache object holds after the first prompt's prefill equal ``(1 - r)`` x the full
-    cache's (what a kvpress press at ratio ``r`` holds). Held bytes are not ``keep`` x full: the cache object
-    also holds kvcomp's RoPE cos/sin (the lookup table and the memo of the last position sets, shared by the
-    layers; 1.0 MiB at 1000 tokens with question=oracle, 1.9 MiB with question=end, whose end pass memoises
-    the whole prompt's positions), which does not shrink with ``keep``. So each row is probed at two keep ratios
-    (prefill only, one worker for all) and its bytes taken as linear in ``keep``; ``row["keep"]`` records the
-    result."""
+    """Equal bytes by construction: each kvcomp row with a ``target`` ratio ``r`` gets the keep ratio at which its
+    cache object holds ``(1 - r)`` x the full cache's bytes after the first prompt's prefill (a press at ``r``
+    holds that). ``keep = 1 - r`` overshoots: the object also holds kvcomp's RoPE cos/sin table and memo (shared
+    by the layers; 1.0 MiB at 1000 tokens with question=oracle, 1.9 MiB with question=end), which does not shrink
+    with ``keep``. Two prefill probes per row (one worker for all), bytes linear in ``keep``; ``row["keep"]``."""
     todo = [r for r in rows if r.get("target") is not None]
     if not todo:
         return
