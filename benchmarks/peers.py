@@ -105,8 +105,10 @@ def calibrate(rows: list[dict[str, Any]], spec: dict[str, Any], tmp: Path) -> No
     full, held = out["kv_bytes"][0], out["kv_bytes"][1:]
     for i, r in enumerate(todo):
         (k0, b0), (k1, b1) = [(p["overrides"][key], b) for p, b in zip(probes[1 + 2 * i:3 + 2 * i], held[2 * i:])]
-        slope = (b0 - b1) / (k0 - k1)
-        keep = round(min(1.0, max(1e-4, k0 + ((1 - r["target"]) * full - b0) / slope)), 4)
+        slope = (b0 - b1) / (k0 - k1) if k0 != k1 else 0.0
+        if slope <= 0:  # bytes do not grow with keep here: nothing to solve for, keep 1 - ratio
+            print(f"  calibration: {r['name']}: bytes do not grow with keep; keep {k0}", file=sys.stderr)
+        keep = k0 if slope <= 0 else round(min(1.0, max(1e-4, k0 + ((1 - r["target"]) * full - b0) / slope)), 4)
         r["params"], r["keep"] = at(r, keep), keep
         print(f"  calibration: {r['name']}: keep {keep} (bytes {b0 / full:.4f} x full at keep {k0})", file=sys.stderr)
 
