@@ -64,13 +64,14 @@ def rows_for(ratios: list[float]) -> list[dict[str, Any]]:
                      "params": {"system": "kvcomp", "method": "snapkv",
                                 "overrides": {"compressor.precision.keep_ratio": keep, "compressor.question": "end",
                                               "compressor.precision.budget_at": "end"}}, "target": r})
+        # not calibrated: prompt_guided also quantizes, so its bytes are not set by keep alone
         budget = {"compressor.precision.mode": "budget", "compressor.precision.keep_ratio": keep}
         # question=oracle (the default): the question is appended to every chunk, known before the prompt ends
         rows.append({"name": f"kvcomp prompt_guided budget {r:g} question=oracle", "system": "kvcomp", "env": "main",
-                     "params": {"system": "kvcomp", "method": "prompt_guided", "overrides": budget}, "target": r})
+                     "params": {"system": "kvcomp", "method": "prompt_guided", "overrides": budget}})
         rows.append({"name": f"kvcomp prompt_guided budget {r:g} question=end", "system": "kvcomp", "env": "main",
                      "params": {"system": "kvcomp", "method": "prompt_guided",
-                                "overrides": {**budget, "compressor.question": "end"}}, "target": r})
+                                "overrides": {**budget, "compressor.question": "end"}}})
     for m in ("kvquant_stream", "livekvquant"):
         rows.append({"name": f"kvcomp {m}", "system": "kvcomp", "env": "main",
                      "params": {"system": "kvcomp", "method": m}})
@@ -81,7 +82,7 @@ def rows_for(ratios: list[float]) -> list[dict[str, Any]]:
 
 
 def calibrate(rows: list[dict[str, Any]], spec: dict[str, Any], tmp: Path) -> None:
-    """Equal bytes by construction: each kvcomp row with a ``target`` ratio ``r`` gets the keep ratio at which its
+    """Equal bytes by construction: each kvcomp snapkv row (``target`` ratio ``r``) gets the keep ratio at which its
     cache object holds ``(1 - r)`` x the full cache's bytes after the first prompt's prefill (a press at ``r``
     holds that). ``keep = 1 - r`` overshoots: the object also holds kvcomp's RoPE cos/sin table and memo (shared
     by the layers; 1.0 MiB at 1000 tokens with question=oracle, 1.9 MiB with question=end), which does not shrink
