@@ -57,13 +57,14 @@ def rows_for(ratios: list[float]) -> list[dict[str, Any]]:
         # question=oracle (snapkv's default): the question's queries score every chunk, before the prompt ends
         rows.append({"name": f"kvcomp snapkv {r:g} question=oracle", "system": "kvcomp", "env": "main",
                      "params": {"system": "kvcomp", "method": "snapkv",
-                                "overrides": {"compressor.precision.keep_ratio": keep}}})
+                                "overrides": {"compressor.precision.keep_ratio": keep}}, "target": r})
         # question=end: what kvpress's presses know here -- the prompt (question last) is read, then each layer
         # keeps the top keep_ratio by its last window's attention (precision.budget_at=end)
         rows.append({"name": f"kvcomp snapkv {r:g} question=end", "system": "kvcomp", "env": "main",
                      "params": {"system": "kvcomp", "method": "snapkv",
                                 "overrides": {"compressor.precision.keep_ratio": keep, "compressor.question": "end",
-                                              "compressor.precision.budget_at": "end"}}})
+                                              "compressor.precision.budget_at": "end"}}, "target": r})
+        # not calibrated: prompt_guided also quantizes, so its bytes are not set by keep alone
         budget = {"compressor.precision.mode": "budget", "compressor.precision.keep_ratio": keep}
         # question=oracle (the default): the question is appended to every chunk, known before the prompt ends
         rows.append({"name": f"kvcomp prompt_guided budget {r:g} question=oracle", "system": "kvcomp", "env": "main",
@@ -78,6 +79,39 @@ def rows_for(ratios: list[float]) -> list[dict[str, Any]]:
     rows.append({"name": "kvcomp prompt_guided_end (question=end, 4-bit, end drops)", "system": "kvcomp",
                  "env": "main", "params": {"system": "kvcomp", "method": "prompt_guided_end"}})
     return rows
+
+
+def calibrate(rows: list[dict[str, Any]], spec: dict[str, Any], tmp: Path) -> None:
+    """Equal bytes by construction: each kvcomp snapkv row (``target`` ratio ``r``) gets the keep ratio at which its
+    cache object holds ``(1 - r)`` x the full cache's bytes after the first prompt's prefill (a press at ``r``
+    holds that). ``keep = 1 - r`` overshoots: the object also holds kvcomp's RoPE cos/sin table and memo (shared
+    by the layers; 1.0 MiB at 1000 tokens with question=oracle, 1.9 MiB with question=end), which does not shrink
+    with ``keep``. Two prefill probes per row (one worker for all), bytes linear in ``keep``; ``row["keep"]``."""
+    todo = [r for r in rows if r.get("target") is not None]
+    if not todo:
+        return
+    key = "compressor.precision.keep_ratio"
+
+    def at(row: dict[str, Any], keep: float) -> dict[str, Any]:
+        return {**row["params"], "overrides": {**row["params"]["overrides"], key: keep}}
+
+    probes: list[dict[str, Any]] = [{"system": "full"}]
+    for r in todo:
+        k0 = 1 - r["target"]
+        probes += [at(r, round(k0, 4)), at(r, round(0.8 * k0, 4))]
+    out = _run_worker({"name": "calibration", "env": "main", "params": {"system": "full"}},
+                      {**spec, "probe": probes, "ppl": []}, tmp)
+    if "error" in out:
+        raise SystemExit(f"keep-ratio calibration failed: {out['error']}")
+    full, held = out["kv_bytes"][0], out["kv_bytes"][1:]
+    for i, r in enumerate(todo):
+        (k0, b0), (k1, b1) = [(p["overrides"][key], b) for p, b in zip(probes[1 + 2 * i:3 + 2 * i], held[2 * i:])]
+        slope = (b0 - b1) / (k0 - k1) if k0 != k1 else 0.0
+        if slope <= 0:  # bytes do not grow with keep here: nothing to solve for, keep 1 - ratio
+            print(f"  calibration: {r['name']}: bytes do not grow with keep; keep {k0}", file=sys.stderr)
+        keep = k0 if slope <= 0 else round(min(1.0, max(1e-4, k0 + ((1 - r["target"]) * full - b0) / slope)), 4)
+        r["params"], r["keep"] = at(r, keep), keep
+        print(f"  calibration: {r['name']}: keep {keep} (bytes {b0 / full:.4f} x full at keep {k0})", file=sys.stderr)
 
 
 def model_and_tokenizer(smoke: bool) -> tuple[str, Any]:
@@ -99,7 +133,8 @@ def model_and_tokenizer(smoke: bool) -> tuple[str, Any]:
 
 
 def build_samples(tok: Any, lengths: list[int], n: int, subtasks: list[str] | None = None,
-                  task: str = "offline_suite") -> tuple[dict[int, Any], list[dict[str, Any]]]:
+                  task: str = "offline_suite", template: str = "chat"
+                  ) -> tuple[dict[int, Any], list[dict[str, Any]]]:
     """Offline-suite (or ``task=ruler``) task per length (for scoring) and the serialised samples of all lengths."""
     from kvcomp.task.offline_suite import SUBTASKS, OfflineSuite
     from kvcomp.task.ruler import OFFLINE_TASKS
@@ -107,7 +142,8 @@ def build_samples(tok: Any, lengths: list[int], n: int, subtasks: list[str] | No
 
     tasks, out = {}, []
     for length in lengths:
-        tasks[length] = (Ruler(context_length=length, n_samples=n, seed=0, subtasks=list(subtasks or OFFLINE_TASKS))
+        tasks[length] = (Ruler(context_length=length, n_samples=n, seed=0, subtasks=list(subtasks or OFFLINE_TASKS),
+                                template=template)
                          if task == "ruler" else
                          OfflineSuite(context_length=length, n_samples=n, seed=0, subtasks=list(subtasks or SUBTASKS)))
         for s in tasks[length].samples(tok):
@@ -165,7 +201,7 @@ def summarise(row: dict[str, Any], out: dict[str, Any], tasks: dict[int, Any], s
     from kvcomp.task.base import Sample
 
     by_id = {s["id"]: s for s in samples}
-    base = {"name": row["name"], "system": row["system"], "env": row["env"]}
+    base = {"name": row["name"], "system": row["system"], "env": row["env"], "keep": row.get("keep")}
     if "error" in out:
         return [{**base, "error": out["error"]}]
     nll = out.get("nll") or []
@@ -202,12 +238,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--task", choices=("offline_suite", "ruler"), default="offline_suite")
     p.add_argument("--subtasks", nargs="+", default=None,
                    help="subtasks of --task (default: the offline suite's five, or RULER's 11 offline tasks)")
+    p.add_argument("--template", choices=("chat", "chat_nospace", "base"), default="chat",
+                   help="task=ruler: task.template of the prompts")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="kvcomp keep ratio = 1 - ratio, not calibrated to the press's bytes (see calibrate)")
     p.add_argument("--ppl-windows", type=int, default=2)
     p.add_argument("--ppl-ctx", type=int, default=2048)
     p.add_argument("--ppl-cont", type=int, default=256)
     p.add_argument("--only", nargs="*", default=None, help="run rows whose name contains one of these")
-    p.add_argument("--exact", action="store_true", help="--only names whole row names, not parts of them")
+    p.add_argument("--exact", action="store_true",
+                   help="--only names whole row names, not parts of them; the full-cache rows run only if named")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--resume", action="store_true", help="reuse rows finished by an earlier run with the same spec")
     a = p.parse_args(argv)
@@ -221,7 +262,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     model_path, tok = model_and_tokenizer(smoke)
     tasks, samples = build_samples(tok, a.lengths, a.samples, ["passkey"] if smoke and a.task != "ruler"
-                                   else a.subtasks, a.task)
+                                   else a.subtasks, a.task, a.template)
     from transformers import GenerationConfig
 
     try:
@@ -234,20 +275,25 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "ppl": ppl_windows(tok, a.ppl_windows, a.ppl_ctx, a.ppl_cont)}
     rows = rows_for(a.ratios)
     if a.only:
-        rows = [r for r in rows if r["system"] == "full" or any(o == r["name"] if a.exact else o in r["name"]
-                                                                 for o in a.only)]
+        rows = [r for r in rows if (r["system"] == "full" and not a.exact)
+                or any(o == r["name"] if a.exact else o in r["name"] for o in a.only)]
     table: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
+        if not a.no_calibrate:
+            calibrate(rows, spec, Path(tmp))
         for row in rows:
             print(f"[peers] {row['name']} ({row['env']} env)", file=sys.stderr)
             done = cache_dir() / "peers_rows" if a.resume else None
             table += summarise(row, run_row(row, spec, Path(tmp), done), tasks, samples, tok, stop)
-    what = "offline suite" if a.task == "offline_suite" else "task=ruler (generated, seed 0)"
+    what = ("offline suite" if a.task == "offline_suite"
+            else f"task=ruler (generated, seed 0, task.template={a.template})")
     settings = (f"{'tiny random LLaMA (smoke)' if smoke else 'SmolLM2-135M-Instruct'} fp32 on CPU, sdpa; {what} "
                 f"({', '.join(a.subtasks or ['all subtasks'])}) at {a.lengths} tokens, {a.samples} sample(s) "
                 "per subtask and length; WikiText-2: "
                 f"{a.ppl_windows} window(s) of {a.ppl_ctx} context tokens through the cache, PPL on the next "
-                f"{a.ppl_cont}; greedy; kvpress ratios {a.ratios}")
+                f"{a.ppl_cont}; greedy; kvpress ratios {a.ratios}; kvcomp keep ratios "
+                + ("1 - ratio" if a.no_calibrate else "calibrated to (1 - ratio) x the full cache's bytes on the "
+                   "first prompt (`benchmarks.peers.calibrate`, column keep)"))
     cmd = ["benchmarks.peers", *map(shlex.quote, argv or sys.argv[1:])]  # quoted: --only names have spaces
     head = header("kvcomp vs kvpress vs HF QuantizedCache", cmd).replace("`python -m", "`nice -n 19 python -m")
     head = head.replace("`nice", "`PEERS_SMOKE=1 nice") if smoke else head

@@ -10,12 +10,13 @@ from typing import Any
 from benchmarks.common import table
 
 COLS = [("name", "configuration", ""), ("env", "env", ""), ("length", "tokens", ""),
-        ("kv_mib", "kv MiB held", ".2f"), ("score_ci", "suite score ± 95 % (n)", ""), ("ppl", "PPL", ".3f"),
+        ("keep", "kvcomp keep", ".4f"), ("kv_mib", "kv MiB held", ".2f"), ("score_ci", "suite score ± 95 % (n)", ""),
+        ("ppl", "PPL", ".3f"),
         ("kv_ppl_mib", "kv MiB (PPL ctx)", ".2f"), ("rss_mib", "peak prefill RSS MiB", ".0f"),
         ("ttft_s", "TTFT s", ".2f")]
 CSV_KEYS = ["name", "system", "env", "length", "score", "score_passkey", "score_needle", "score_kv_retrieval",
             "score_passage_retrieval", "score_passage_count", "kv_bytes", "ppl", "kv_bytes_ppl", "peak_rss_bytes",
-            "ttft_s", "error"]
+            "ttft_s", "keep", "error"]
 MARKERS = {"full": "*", "kvpress": "o", "kvpress+quant": "s", "hf-quantized": "^", "kvcomp": "D"}
 
 

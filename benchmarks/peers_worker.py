@@ -147,6 +147,17 @@ def run_sample(sys_: System, s: dict[str, Any], stop: set[int]) -> dict[str, Any
 
 
 @torch.inference_mode()
+def probe_bytes(sys_: System, s: dict[str, Any]) -> int:
+    """Bytes the system's cache holds after prefilling ``s``'s prompt (without its last token), as ``run_sample``
+    counts them; nothing is decoded (the keep-ratio calibration in ``benchmarks.peers``)."""
+    ids = torch.tensor([s["prompt_ids"]])
+    q = torch.tensor([s["question_ids"]]) if s.get("question_ids") else None
+    with sys_.run(q) as cache:
+        sys_.prefill(cache, ids[:, :-1])
+        return tensor_bytes(cache)
+
+
+@torch.inference_mode()
 def window_nll(sys_: System, ctx: list[int], cont: list[int]) -> tuple[float, int, int]:
     """Summed NLL of ``cont`` given ``ctx`` prefilled through the system's cache, its token count, and the
     bytes the cache held after the ``ctx`` prefill."""
@@ -183,6 +194,10 @@ def main(spec_path: str, out_path: str) -> None:
         torch.set_num_threads(int(spec["threads"]))
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32,
                                                  attn_implementation="sdpa").eval()
+    if spec.get("probe"):  # calibration: bytes held after the first prompt's prefill, per params set
+        kv = [probe_bytes(System(model, params), spec["samples"][0]) for params in spec["probe"]]
+        Path(out_path).write_text(json.dumps({"name": spec["name"], "kv_bytes": kv}))
+        return
     sys_ = System(model, spec["params"])
     stop = set(spec["stop_ids"])
     warm = dict(spec["samples"][0], id="warmup", max_new_tokens=2)

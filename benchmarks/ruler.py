@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--runs", type=Path, default=Path("outputs/ruler_full"))
     p.add_argument("--out", type=Path, default=RESULTS / "ruler.md")
     p.add_argument("--goal", type=float, default=90.0, help="official score (%%) that counts as solved")
+    p.add_argument("--template", choices=("chat", "chat_nospace", "base"), default="chat",
+                   help="task.template: how the prompt is wrapped (chat = RULER's model template for a chat model)")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run (e.g. model.*)")
     p.add_argument("--read-only", action="store_true", help="only read back finished rows (nothing runs)")
     p.add_argument("--ratio-plot", type=Path, default=None, help="folder of a peers.csv: write ruler_ratio.png")
@@ -159,14 +161,16 @@ def main(argv: list[str] | None = None) -> str:
     if a.ratio_plot is not None:
         return str(ratio_plot(a.ratio_plot))
     torch.set_grad_enabled(False)
-    table, wall = measure(a.lengths, a.tasks, a.samples, a.runs, a.extra, a.read_only)
+    table, wall = measure(a.lengths, a.tasks, a.samples, a.runs, [f"task.template={a.template}", *a.extra],
+                          a.read_only)
     plot_tasks(table, a.tasks, a.goal, a.out.with_suffix(".png"))
+    settings = (f"SmolLM2-135M-Instruct fp32 on CPU, sdpa, full cache unchunked, greedy; task=ruler generated "
+                f"locally (seed 0), task.template={a.template}, {a.samples} samples per task and length; cells are "
+                "the official RULER score with a 95 % interval (Wilson for 0/1 tasks, bootstrap otherwise); solved = "
+                f"official score >= {a.goal:g} %. qa_1 / qa_2 not run (need SQuAD / HotpotQA). Wall {wall:.1f} min "
+                "in all (rows read back count their own run time).")
     text = (header("RULER: where the full cache works", ["benchmarks.ruler", *(argv or sys.argv[1:])])
-            + f"- settings: SmolLM2-135M-Instruct fp32 on CPU, sdpa, full cache unchunked, greedy; task=ruler "
-            f"generated locally (seed 0), {a.samples} samples per task and length; cells are the official "
-            f"RULER score with a 95 % interval (Wilson for 0/1 tasks, bootstrap otherwise); solved = official "
-            f"score >= {a.goal:g} %. qa_1 / qa_2 not run (need SQuAD / HotpotQA). Wall {wall:.1f} min in all "
-            f"(rows read back count their own run time).\n\n"
+            + f"- settings: {settings}\n\n"
             + render(table, a.tasks, a.goal) + f"\n![scores per task]({a.out.with_suffix('.png').name})\n")
     return publish(a.out, text)
 

@@ -49,7 +49,7 @@ def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) 
         samples = parts.task.samples(tok)
         records = evaluate(engine, parts.task, samples, desc=name)
         metrics = {"task": c["task"]["name"], "experiment": name, **parts.compressor.settings(),
-                   **aggregate(parts.task, records)}
+                   **parts.task.settings(), **aggregate(parts.task, records)}
         if parts.settings.compare_baseline:
             metrics.update(_baseline(model, tok, parts.task, samples, metrics, records))
         if parts.task.fidelity:

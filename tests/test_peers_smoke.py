@@ -21,7 +21,7 @@ def test_peers_smoke(tmp_path) -> None:
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "peers.csv").open()))
-    assert len(rows) == 15, [r["name"] for r in rows]
+    assert len(rows) == 16, [r["name"] for r in rows]
     assert not [(r["name"], r["error"]) for r in rows if r["error"]]
     assert {r["system"] for r in rows} == {"full", "kvpress", "kvpress+quant", "hf-quantized", "kvcomp"}
     full = {r["env"]: r for r in rows if r["system"] == "full"}
@@ -31,3 +31,5 @@ def test_peers_smoke(tmp_path) -> None:
     assert (tmp_path / "peers.png").stat().st_size > 10_000
     kv = {r["name"]: float(r["kv_bytes"]) for r in rows}
     assert kv["HF QuantizedCache quanto int2"] < kv["HF QuantizedCache quanto int4"] < kv["full cache (peers env)"]
+    for name in ("kvcomp snapkv 0.5 question=oracle", "kvcomp snapkv 0.5 question=end"):  # keep calibrated
+        assert abs(kv[name] / kv["kvpress SnapKV 0.5"] - 1) <= 0.05, (name, kv[name], kv["kvpress SnapKV 0.5"])

@@ -121,6 +121,27 @@ def test_prompts_hold_their_answers_and_rulers_wording(generated) -> None:
     assert TOK.decode(by["vt"].question_ids).startswith("Question: Find all variables")
 
 
+def test_template_setting_wraps_the_prompt_as_named() -> None:
+    """chat: RULER's model template for a chat model (answer prefix verbatim, its leading space kept, after the
+    generation prompt); chat_nospace: that space dropped; base: no chat format. metrics.json reports it."""
+    texts = {}
+    for template in ("chat", "chat_nospace", "base"):
+        t = ruler(context_length=1200, n_samples=1, subtasks=["niah_single_1"], template=template)
+        texts[template] = TOK.decode(t.samples(TOK)[0].prompt_ids)
+        assert t.settings() == {"ruler_template": template, "ruler_template_applied": template}
+    assert "<|im_end|>\n<|im_start|>assistant\n The special magic number for " in texts["chat"]
+    assert "<|im_end|>\n<|im_start|>assistant\nThe special magic number for " in texts["chat_nospace"]
+    assert "<|im_start|>" not in texts["base"] and "in the provided text? The special magic number" in texts["base"]
+    assert all(x.endswith("mentioned in the provided text is") for x in texts.values())
+
+
+def test_bad_template_fails_naming_the_key_and_choices() -> None:
+    from kvcomp.experiment import build_parts
+
+    with pytest.raises(ConfigError, match=r"task.template.*chat.*chat_nospace.*base"):
+        build_parts(compose(["task=ruler", "task.template=llama3"]))
+
+
 def test_too_short_context_fails_naming_the_key() -> None:
     with pytest.raises(ConfigError, match="task.context_length=200 is too short for niah_single_1"):
         ruler(context_length=200, n_samples=1, subtasks=["niah_single_1"]).samples(TOK)
@@ -162,7 +183,7 @@ def test_qa_tasks_from_local_files(tmp_path: Path) -> None:
     for s in samples:
         text = TOK.decode(s.prompt_ids)
         assert 0.98 * 1500 <= s.meta["length"] <= 1500 and "Document 1:\n" in text
-        assert text.endswith("assistant\nAnswer:")
+        assert text.endswith("assistant\n Answer:")  # RULER's answer prefix verbatim (template=chat)
     assert samples[0].answers == ["City0"] and "capital of land 0 is City0" in TOK.decode(samples[0].prompt_ids)
     assert samples[3].answers == ["Founder0"] and "founded by Founder0" in TOK.decode(samples[3].prompt_ids)
 
@@ -228,6 +249,7 @@ def test_runs_on_tiny_model_with_score_per_task(tmp_path: Path) -> None:
                    "task.subtasks=[niah_single_1,fwe]", "task.max_new_tokens=4", "objective=score"])
     m = run(cfg, tmp_path / "run")
     assert set(m) >= {"score", "score_niah_single_1", "score_fwe", "objective"}
+    assert m["ruler_template"] == m["ruler_template_applied"] == "chat"
     assert m["objective"] == m["score"] == round((m["score_niah_single_1"] + m["score_fwe"]) / 2, 2)
     recs = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert [r["subtask"] for r in recs] == ["niah_single_1", "fwe"]

@@ -42,6 +42,10 @@ class Task:
     def score(self, sample: Sample, prediction: str) -> float:
         raise NotImplementedError
 
+    def settings(self) -> dict[str, Any]:
+        """Task settings reported in metrics.json (how the prompts were built); none by default."""
+        return {}
+
     def run_sample(self, engine: Any, sample: Sample) -> dict[str, Any]:
         """Generate and score one sample; returns its predictions.jsonl record."""
         target = self.target_ids(engine.tokenizer, sample) if self.fidelity else None

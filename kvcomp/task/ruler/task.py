@@ -5,9 +5,13 @@ Generated (``source=generate``): each sample is built by the RULER generators (`
 the largest haystack with prompt tokens (chat template and answer prefix included) plus RULER's
 ``tokens_to_generate`` <= ``context_length``; because haystacks are sized in words this lands within
 2 % of ``context_length``. Each sample has its own seed drawn from ``(seed, task, context_length)``, so
-generation is deterministic per seed. The prompt is RULER's task template as one user turn and the
-answer prefix opening the assistant turn (RULER's leading space dropped after a chat template);
-``question_ids`` is the template's question (for prompt-guided compression).
+generation is deterministic per seed. ``template`` (reported in metrics.json) is how the prompt is
+wrapped: ``chat`` = what RULER does for a chat model (its model template: the task template as one user
+turn of the model's own chat format, the answer prefix verbatim, leading space included, right after the
+generation prompt; kvpress's pipeline builds the same), ``chat_nospace`` = the same with the answer
+prefix's leading space dropped (this task's default before), ``base`` = RULER's ``base`` template (task
+template + answer prefix, no chat format). ``question_ids`` is the template's question (for
+prompt-guided compression).
 
 Prepared (``source=prepared``): rows of the kvpress layout (``data.py``), prompt = context + question,
 answer prefix after it; lengths as the data set has them.
@@ -43,6 +47,7 @@ BUILDERS: dict[str, Callable[..., Prompt]] = {
     "freq_words_extraction": build_fwe,
 }
 SOURCES = ("generate", "prepared")
+TEMPLATES = ("chat", "chat_nospace", "base")
 
 
 def fit(build: Callable[[int], Prompt], measure: Callable[[Prompt], int], limit: int, hint: int,
@@ -92,12 +97,13 @@ class Ruler(Task):
     squad_file: str | None = None
     hotpotqa_file: str | None = None
     max_new_tokens: int | None = param(None, gt=0)  # null: RULER's tokens_to_generate of each task
-    chat: bool = True
+    template: str = param("chat", choices=TEMPLATES)
     seed: int = param(0, ge=0)
 
     def __post_init__(self) -> None:
         self.tasks = list(dict.fromkeys(self.subtasks))
         self.skipped: list[str] = []
+        self.used = ""  # the template applied (set by samples)
 
     def positions_needed(self) -> tuple[int, str] | None:
         extra = max(0, (self.max_new_tokens or 0) - min(tokens_to_generate(t) for t in self.tasks))
@@ -107,12 +113,20 @@ class Ruler(Task):
     def qa_file(self, task: str) -> str | None:
         return self.squad_file if SETTINGS[task][1]["dataset"] == "squad" else self.hotpotqa_file
 
+    def applied(self, tokenizer: Any) -> str:
+        """The template actually used: a chat setting on a tokenizer without a chat template is ``base``."""
+        return self.template if self.template == "base" or getattr(tokenizer, "chat_template", None) else "base"
+
     def encode(self, tokenizer: Any, p: Prompt) -> list[int]:
-        prefix = p.answer_prefix.lstrip() if self.chat and getattr(tokenizer, "chat_template", None) else \
-            p.answer_prefix
-        return encode_prompt(tokenizer, p.user, prefix, self.chat)
+        applied = self.applied(tokenizer)
+        prefix = p.answer_prefix.lstrip() if applied == "chat_nospace" else p.answer_prefix
+        return encode_prompt(tokenizer, p.user, prefix, applied != "base")
+
+    def settings(self) -> dict[str, Any]:
+        return {"ruler_template": self.template, **({"ruler_template_applied": self.used} if self.used else {})}
 
     def samples(self, tokenizer: Any) -> list[Sample]:
+        self.used = self.applied(tokenizer)
         out = self.prepared(tokenizer) if self.source == "prepared" else self.generated(tokenizer)
         if self.skipped:
             log.warning("task=ruler: skipped %s", "; ".join(self.skipped))
