@@ -28,13 +28,17 @@ $(TRITON_STAMP): $(STAMP)
 	$(BIN)/pip install -q "triton==3.9.0" numpy
 	@touch $(TRITON_STAMP)
 
+# pytest-xdist workers (tests/conftest.py gives each cores / workers torch threads); TEST_WORKERS=0: one process
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP) $(TRITON_STAMP)
 	$(BIN)/python -m ruff check kvcomp runners tests benchmarks hydra_plugins tools
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=15 $(XDIST)
 
 # unit tests on tiny models: no real-model runs, no subprocess runs (< 2 min)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" --durations=5
+	$(BIN)/python -m pytest -q -m "not slow" --durations=5 $(XDIST)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check kvcomp runners tests benchmarks hydra_plugins tools

@@ -10,8 +10,9 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     fi
 fi
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-DIR=$(mktemp -d /tmp/kvcomp-pg.XXXXXX)
-PORT=${KVCOMP_PG_PORT:-55432}
+DIR=${KVCOMP_PG_DIR:-$(mktemp -d /tmp/kvcomp-pg.XXXXXX)}  # .ci/run passes its own, to stop this server by pid
+# a free port unless one is given (a fixed one may be held by another server: then this test would be skipped)
+PORT=${KVCOMP_PG_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' || echo 55432)}
 RUN=()
 if [ "$(id -u)" = 0 ]; then chown postgres "$DIR"; RUN=(su postgres -s /bin/bash -c); else RUN=(bash -c); fi
 "${RUN[@]}" "$PGBIN/initdb -D $DIR/data -A trust -U postgres" >/dev/null 2>&1 || exit 0

@@ -13,6 +13,40 @@ SHARED = REPO / "tests" / "data"  # copied from ../shared/data with its attribut
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# Under pytest-xdist (``-n N``) each worker gets cores // N threads, set before torch is imported, so N workers
+# do not oversubscribe the cores; the subprocesses a test starts inherit it. Set by hand, the variable wins.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if WORKERS:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(max(1, _cores() // WORKERS)))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """xdist's controller builds the compiled CPU kernels once (or loads them from torch's extension cache)
+    before its workers start, so no two workers compile the same extension at once; a worker sets its threads."""
+    if WORKERS:
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch first
+        return
+    if not getattr(config.option, "numprocesses", None):
+        return
+    from kvcomp.kernels import cpu
+
+    cpu.ops()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the ``slow`` tests (real model, subprocess runs) go first, each kind in file order, so the
+    many short tests fill the workers' tails instead of one long test running alone at the end."""
+    if WORKERS:
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def compose(overrides: list[str] | None = None):
     """Compose ``conf/config.yaml`` with overrides through Hydra's compose API."""
     from hydra import compose as hcompose

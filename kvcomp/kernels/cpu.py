@@ -4,7 +4,8 @@
 built (no C++ compiler, no ninja): then one warning line says so and every caller keeps its plain-torch path,
 which is also the oracle the tests hold the kernels to. The build goes to torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name that carries a hash of the
-source, the flags and this CPU's instruction-set flags, so a changed source or another machine rebuilds.
+source, the flags, this CPU's instruction-set flags and the torch it builds against, so a changed source, another
+machine or another venv builds its own.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ def _cpu_flags() -> str:
 def _build() -> Any:
     from torch.utils.cpp_extension import load_inline
 
-    tag = hashlib.sha1("\n".join([SOURCE, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:12]
+    # the torch it compiles against (its include paths are in the build file) is part of the name: two venvs
+    # sharing the extension cache each keep their own build instead of rebuilding over each other's
+    torch_dir = os.path.dirname(torch.__file__)
+    key = "\n".join([SOURCE, *FLAGS, _cpu_flags(), torch.__version__, torch_dir])
+    tag = hashlib.sha1(key.encode()).hexdigest()[:12]
     return load_inline(name=f"kvcomp_cpu_{tag}", cpp_sources=SOURCE, functions=FUNCTIONS,
                        extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
