@@ -52,7 +52,7 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("prompt_guided, question=end", "prompt_guided", ["compressor.question=end"]),
     ("prompt_guided_end (no propagation)", "prompt_guided_end", []),
     ("prompt_guided, schedule=chunk", "prompt_guided", ["propagation.schedule=chunk"]),
-    ("fastkv, schedule=chunk (per-chunk budget, fp32 store)", "fastkv", FASTKV_CHUNK),
+    ("fastkv, schedule=chunk (per-chunk budget)", "fastkv", FASTKV_CHUNK),
 ]
 #: end-to-end rows: experiment names run through runners.run on the passkey task
 E2E = ("full_cache", "kvquant_stream", "prompt_guided_end")

@@ -13,8 +13,7 @@ FP16_STORE = ["quantizer=uniform", "quantizer.key_bits=16", "quantizer.value_bit
 #: after layer 15 of 30, average pooling, keep 0.5 of what each layer holds, a 32-query budget window, 4 sinks
 FASTKV_EARLIER = ["propagation.tsp_layer=15", "propagation.pool=avg", "compressor.precision.keep_ratio=0.5",
                   "compressor.precision.keep_of=held", "scorer.window=32", "compressor.precision.protect_sinks=4"]
-FASTKV_CHUNK = [*FASTKV_EARLIER, "propagation.schedule=chunk", "compressor.precision.budget_at=stream",
-                "quantizer=none"]
+FASTKV_CHUNK = [*FASTKV_EARLIER, "propagation.schedule=chunk", "compressor.precision.budget_at=stream"]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "prompt_guided_end": ("prompt_guided_end", []),
     "fastkv, tsp_rate=0.4": ("fastkv", ["propagation.tsp_rate=0.4"]),
