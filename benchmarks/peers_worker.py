@@ -181,8 +181,9 @@ def main(spec_path: str, out_path: str) -> None:
     torch.set_grad_enabled(False)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    attn = spec["params"].get("attn", "sdpa")  # ObservedAttentionPress reads the attention weights: eager
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
+                                                 attn_implementation=attn).eval()
     sys_ = System(model, spec["params"])
     stop = set(spec["stop_ids"])
     warm = dict(spec["samples"][0], id="warmup", max_new_tokens=2)
