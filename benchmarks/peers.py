@@ -38,14 +38,18 @@ MAIN_PY, PEERS_PY = REPO / ".venv" / "bin" / "python", REPO / ".venv-peers" / "b
 PRESSES = ["SnapKVPress", "ExpectedAttentionPress", "StreamingLLMPress", "KnormPress"]
 
 
-def rows_for(ratios: list[float]) -> list[dict[str, Any]]:
-    """Every configuration: label, system, environment and the worker's params."""
+def rows_for(ratios: list[float], h2o_keep: float | None = None) -> list[dict[str, Any]]:
+    """Every configuration: label, system, environment and the worker's params; ``h2o_keep``: the kvcomp h2o
+    rows' keep_ratio (default ``1 - ratio``), to match a press's bytes."""
     rows = [{"name": "full cache (peers env)", "system": "full", "env": "peers", "params": {"system": "full"}},
             {"name": "full cache (kvcomp env)", "system": "full", "env": "main", "params": {"system": "full"}}]
     for press in PRESSES:
         for r in ratios:
             rows.append({"name": f"kvpress {press[:-5]} {r:g}", "system": "kvpress", "env": "peers",
                          "params": {"system": "kvpress", "press": press, "ratio": r}})
+    for r in ratios:  # H2O's accumulated attention as kvpress computes it: needs the attention weights (eager)
+        rows.append({"name": f"kvpress ObservedAttention {r:g}", "system": "kvpress", "env": "peers",
+                     "params": {"system": "kvpress", "press": "ObservedAttentionPress", "ratio": r, "attn": "eager"}})
     mid = ratios[len(ratios) // 2]
     rows.append({"name": f"kvpress SnapKV {mid:g} + quanto int4", "system": "kvpress+quant", "env": "peers",
                  "params": {"system": "kvpress", "press": "SnapKVPress", "ratio": mid, "nbits": 4}})
@@ -72,6 +76,14 @@ def rows_for(ratios: list[float]) -> list[dict[str, Any]]:
         rows.append({"name": f"kvcomp prompt_guided budget {r:g} question=end", "system": "kvcomp", "env": "main",
                      "params": {"system": "kvcomp", "method": "prompt_guided",
                                 "overrides": {**budget, "compressor.question": "end"}}})
+        # h2o: summed attention per chunk (the default) and the mean over the queries that see a key (kvpress's)
+        hk, label = (keep, f"{r:g}") if h2o_keep is None else (h2o_keep, f"keep {h2o_keep:g}")
+        rows.append({"name": f"kvcomp h2o {label}", "system": "kvcomp", "env": "main",
+                     "params": {"system": "kvcomp", "method": "h2o",
+                                "overrides": {"compressor.precision.keep_ratio": hk}}})
+        rows.append({"name": f"kvcomp h2o {label} normalize=mean", "system": "kvcomp", "env": "main",
+                     "params": {"system": "kvcomp", "method": "h2o",
+                                "overrides": {"compressor.precision.keep_ratio": hk, "scorer.normalize": "mean"}}})
     for m in ("kvquant_stream", "livekvquant"):
         rows.append({"name": f"kvcomp {m}", "system": "kvcomp", "env": "main",
                      "params": {"system": "kvcomp", "method": m}})
@@ -251,6 +263,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    help="--only names whole row names, not parts of them; the full-cache rows run only if named")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--resume", action="store_true", help="reuse rows finished by an earlier run with the same spec")
+    p.add_argument("--h2o-keep", type=float, default=None,
+                   help="keep_ratio of the kvcomp h2o rows (default 1 - ratio), e.g. to match a press's bytes")
+    p.add_argument("--no-full", action="store_true", help="leave out the two full-cache rows (paired kvcomp vs "
+                   "kvpress only; no identity check)")
     a = p.parse_args(argv)
     smoke = os.environ.get("PEERS_SMOKE") == "1"
     if smoke:
@@ -273,10 +289,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     spec = {"model_path": model_path, "stop_ids": sorted(stop), "threads": torch.get_num_threads(),
             "samples": [{k: s[k] for k in ("id", "prompt_ids", "question_ids", "max_new_tokens")} for s in samples],
             "ppl": ppl_windows(tok, a.ppl_windows, a.ppl_ctx, a.ppl_cont)}
-    rows = rows_for(a.ratios)
+    rows = rows_for(a.ratios, a.h2o_keep)
     if a.only:
         rows = [r for r in rows if (r["system"] == "full" and not a.exact)
                 or any(o == r["name"] if a.exact else o in r["name"] for o in a.only)]
+    if a.no_full:
+        rows = [r for r in rows if r["system"] != "full"]
     table: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         if not a.no_calibrate:

@@ -192,8 +192,9 @@ def main(spec_path: str, out_path: str) -> None:
     torch.set_grad_enabled(False)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    attn = spec["params"].get("attn", "sdpa")  # ObservedAttentionPress reads the attention weights: eager
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
+                                                 attn_implementation=attn).eval()
     if spec.get("probe"):  # calibration: bytes held after the first prompt's prefill, per params set
         kv = [probe_bytes(System(model, params), spec["samples"][0]) for params in spec["probe"]]
         Path(out_path).write_text(json.dumps({"name": spec["name"], "kv_bytes": kv}))

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import REPO, compose, header, load, median, publish, rss_in_subprocess, table, wikitext_ids
+from benchmarks.rows_stage import FASTKV_CHUNK, FASTKV_EARLIER
 
 QUESTION = "\n\nQuestion: what is the text above about? Answer:"
 #: (label, experiment, extra overrides)
@@ -47,11 +48,11 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("prompt_guided", "prompt_guided", []),
     ("fastkv", "fastkv", []),
     ("fastkv, tsp_rate=0.4", "fastkv", ["propagation.tsp_rate=0.4"]),
+    ("fastkv tuned (tsp_rate=0.4, earlier preset)", "fastkv", [*FASTKV_EARLIER, "propagation.tsp_rate=0.4"]),
     ("prompt_guided, question=end", "prompt_guided", ["compressor.question=end"]),
     ("prompt_guided_end (no propagation)", "prompt_guided_end", []),
     ("prompt_guided, schedule=chunk", "prompt_guided", ["propagation.schedule=chunk"]),
-    ("fastkv, schedule=chunk (per-chunk budget, fp32 store)", "fastkv",
-     ["propagation.schedule=chunk", "compressor.precision.budget_at=stream", "quantizer=none"]),
+    ("fastkv, schedule=chunk (per-chunk budget)", "fastkv", FASTKV_CHUNK),
 ]
 #: end-to-end rows: experiment names run through runners.run on the passkey task
 E2E = ("full_cache", "kvquant_stream", "prompt_guided_end")

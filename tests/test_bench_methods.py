@@ -31,3 +31,15 @@ def test_methods_table_with_an_equal_bytes_row_against_question_end(tmp_path: Pa
 def test_unknown_row_is_one_error() -> None:
     with pytest.raises(SystemExit, match="error: --rows nope is not one of"):
         main(["--no-ttft", "--rows", "nope", "--runs", "/nonexistent"])
+
+
+def test_table_without_prompt_guided_compares_to_the_first_row_and_checks_fastkv(tmp_path: Path) -> None:
+    """A table of the full cache and fastkv rows alone (no prompt_guided row): the between-rows table is
+    against the first row after the full cache, and each fastkv row gets its goal line."""
+    text = main(["--no-ttft", "--context", "300", "--samples", "2", "--runs", str(tmp_path / "runs"), "--out",
+                 str(tmp_path / "m.md"), "--model", "model=tiny_llama",
+                 "--rows", "full_cache", "fastkv", "fastkv, tsp_rate=0.4"])  # the earlier preset's layer 15: 30 layers
+    assert "| fastkv vs | score difference" in text
+    assert "| fastkv, tsp_rate=0.4 |" in text
+    goals = [x for x in text.splitlines() if "(goal >= 90 %" in x]
+    assert [g.split("] ")[1].split(":")[0] for g in goals] == ["fastkv", "fastkv, tsp_rate=0.4"]

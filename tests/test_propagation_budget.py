@@ -19,7 +19,7 @@ def test_layer_share_map() -> None:
     shares = lr.layer_shares(30)  # SmolLM2: bands 0-8 / 9-20 / 21-29, each taking effect one layer late
     assert shares == [1.0] + [0.8] * 9 + [0.6] * 12 + [0.4] * 8
     tsp = PROPAGATORS.build({"name": "fastkv_tsp", "tsp_rate": 0.2})
-    assert tsp.layer_shares(30) == [1.0] * 16 + [0.2] * 14  # selection after layer 15 (the middle)
+    assert tsp.layer_shares(30) == [1.0] * 15 + [0.2] * 15  # selection after layer 14 (L // 2 - 1)
     assert PROPAGATORS.build({"name": "none"}).layer_shares(3) == [1.0, 1.0, 1.0]
     with pytest.raises(ConfigError, match="budget=layer is not one of: prompt, chunk"):
         PROPAGATORS.build({"name": "layer_ratio", "budget": "layer"})

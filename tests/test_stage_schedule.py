@@ -19,10 +19,12 @@ def fastkv(schedule: str = "stage", **prop):
                              scorer=SCORERS.build({"name": "snapkv"}))
 
 
-def direct_tsp(model, ids: torch.Tensor, layer: int, rate: float, window: int = 8, kernel: int = 7) -> set[int]:
+def direct_tsp(model, ids: torch.Tensor, layer: int, rate: float, window: int = 8, kernel: int = 7,
+               pool: str = "max", length: int | None = None) -> set[int]:
     """FastKV's TSP selection written out on the plain model's full-prompt forward: layer ``layer``'s queries and
     keys from its input hidden state, the last ``window`` queries' softmax over every key (additive causal mask
-    on the window, as the paper's code does), summed over the window, average-pooled, summed over heads."""
+    on the window, as the official code does), summed over the window, max- or average-pooled, summed over heads;
+    ``int(T * rate)`` tokens carried, or ``length`` (its constant mode)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     with torch.no_grad():
@@ -42,23 +44,26 @@ def direct_tsp(model, ids: torch.Tensor, layer: int, rate: float, window: int = 
         mask.masked_fill_(cond < (cond + 1).view(window, 1), 0)
         w[..., -window:] += mask
         s = torch.softmax(w, dim=-1)[..., :-window].sum(dim=-2)
-        s = torch.nn.functional.avg_pool1d(s, kernel, padding=kernel // 2, stride=1).sum(dim=1)[0]
-        top = s.topk(int(T * rate) - window).indices
+        pool1d = torch.nn.functional.max_pool1d if pool == "max" else torch.nn.functional.avg_pool1d
+        s = pool1d(s, kernel, padding=kernel // 2, stride=1).sum(dim=1)[0]
+        top = s.topk((int(T * rate) if length is None else length) - window).indices
     return {int(i) for i in top} | set(range(T - window, T))
 
 
-def test_fastkv_stage_selection_is_fastkvs(tiny) -> None:
+@pytest.mark.parametrize(("pool", "tsp_len"), [("max", None), ("avg", None), ("max", 100)])
+def test_fastkv_stage_selection_is_fastkvs(tiny, pool: str, tsp_len: int | None) -> None:
     """The tokens the stage schedule carries past the TSP layer are exactly FastKV's selection computed directly
-    on the whole prompt (no KV budget, fp32 store: the layers below see what the plain model does)."""
+    on the whole prompt (no KV budget, fp32 store: the layers below see what the plain model does), with either
+    pooling, by rate (proportional mode) or by count (constant mode, ``tsp_len``)."""
     model, _ = tiny
     ids = torch.randint(3, 250, (1, T), generator=torch.Generator().manual_seed(3))
-    comp = fastkv(tsp_rate=0.3)
+    comp = fastkv(tsp_rate=0.3, pool=pool, tsp_len=tsp_len)
     with comp.session(model) as s:
         s.prefill(ids)
-    tsp = 2  # the middle of 4 layers
+    tsp = 1  # L // 2 - 1 of 4 layers (FastKV's 15 of 32)
     kept = {int(p) for p in s.cache.layers[tsp + 1].held_positions()}
-    assert kept == direct_tsp(model, ids, tsp, 0.3)
-    assert len(kept) == int(0.3 * T)
+    assert kept == direct_tsp(model, ids, tsp, 0.3, pool=pool, length=tsp_len)
+    assert len(kept) == (int(0.3 * T) if tsp_len is None else tsp_len)
     assert s.cache.layers[tsp].held() == T  # the TSP layer itself computes every token
     assert comp.settings()["propagation_schedule"] == "stage"
     assert s.stats()["stage_boundary_bytes"] == T * (64 + 2 * 16) * 4  # boundary states + TSP layer's keys
@@ -67,7 +72,8 @@ def test_fastkv_stage_selection_is_fastkvs(tiny) -> None:
 def test_stage_points_and_shares() -> None:
     lr = PROPAGATORS.build({"name": "layer_ratio"})
     assert lr.points(30) == [(0, 0.8), (9, 0.6), (21, 0.4)]  # SmolLM2: three selection points
-    assert PROPAGATORS.build({"name": "fastkv_tsp"}).points(30) == [(15, 0.2)]
+    assert PROPAGATORS.build({"name": "fastkv_tsp"}).points(30) == [(14, 0.2)]  # FastKV: 15 of 32 -> 14 of 30
+    assert PROPAGATORS.build({"name": "fastkv_tsp"}).points(32) == [(15, 0.2)]
     assert PROPAGATORS.build({"name": "none"}).points(30) == []
     assert not PROPAGATORS.build({"name": "layer_ratio", "schedule": "chunk"}).staged(30)
 
@@ -106,7 +112,7 @@ def test_budget_at_end_keeps_the_share_of_each_layer(tiny) -> None:
                               "precision": {"mode": "budget", "keep_ratio": 0.5, "budget_at": "end"}},
                              quantizer=QUANTIZERS.build({"name": "uniform", "key_bits": 16, "value_bits": 16,
                                                          "pre_rope": False}),
-                             propagator=PROPAGATORS.build({"name": "fastkv_tsp", "tsp_rate": 0.4}),
+                             propagator=PROPAGATORS.build({"name": "fastkv_tsp", "tsp_rate": 0.4, "tsp_layer": 2}),
                              scorer=SCORERS.build({"name": "snapkv"}))
     with comp.session(model) as s:
         s.prefill(ids)
@@ -117,3 +123,37 @@ def test_budget_at_end_keeps_the_share_of_each_layer(tiny) -> None:
         window = 32 if i <= 2 else 8  # past the TSP layer only FastKV's window is carried contiguously
         assert set(range(T - window, T)) <= pos
         assert i > 2 or set(range(4)) <= pos  # the sinks, where they were carried
+
+
+@pytest.mark.parametrize(("keep", "tokens"), [({"keep_ratio": 0.2}, 60), ({"keep_tokens": 45}, 45)])
+def test_budget_of_the_prompt_is_one_capacity_for_every_layer(tiny, keep: dict, tokens: int) -> None:
+    """precision.keep_of=prompt (FastKV's retain_rate): every layer keeps the same count, keep_ratio x the prompt
+    length (or keep_tokens), also past the TSP layer where it holds fewer (there 60 of the 120 carried, FastKV's
+    retain_rate / tsp_rate); the observation window stays; a layer holding fewer than that keeps them all."""
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, T), generator=torch.Generator().manual_seed(6))
+    comp = COMPRESSORS.build({"name": "unified", "chunk_size": CHUNK,
+                              "precision": {"mode": "budget", "budget_at": "end", "keep_of": "prompt",
+                                            "protect_sinks": 0, **keep}},
+                             quantizer=QUANTIZERS.build({"name": "uniform", "key_bits": 16, "value_bits": 16,
+                                                         "pre_rope": False}),
+                             propagator=PROPAGATORS.build({"name": "fastkv_tsp", "tsp_rate": 0.4}),
+                             scorer=SCORERS.build({"name": "snapkv", "window": 8}))
+    with comp.session(model) as s:
+        s.prefill(ids)
+    held = [layer.held() for layer in s.cache.layers]
+    assert held == [tokens] * 4
+    assert all(set(range(T - 8, T)) <= {int(p) for p in layer.held_positions()} for layer in s.cache.layers)
+    small = comp.policy.end_keep(30, T)
+    assert small == 30  # capped by what a layer holds
+
+
+def test_keep_of_prompt_and_tsp_len_are_refused_where_they_mean_nothing() -> None:
+    from kvcomp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="keep_of=prompt needs compressor.precision.budget_at=end"):
+        COMPRESSORS.build({"name": "unified", "precision": {"mode": "budget", "keep_of": "prompt"}})
+    with pytest.raises(ConfigError, match="tsp_len=100 needs propagation.schedule=stage"):
+        PROPAGATORS.build({"name": "fastkv_tsp", "tsp_len": 100, "schedule": "chunk"})
+    with pytest.raises(ConfigError, match="pool=mean is not one of: max, avg"):
+        PROPAGATORS.build({"name": "fastkv_tsp", "pool": "mean"})

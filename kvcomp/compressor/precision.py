@@ -21,7 +21,11 @@ quantizer's own width, drop the rest. ``mode=none``: every token at the quantize
 ``end`` = nothing is dropped while the prompt streams, then at its end each layer keeps the top
 ``keep_ratio`` of the tokens it holds by the scorer's score with the prompt end's queries (the last forward's
 trailing queries, which are always kept), as SnapKV and FastKV compress once the prompt is known; the
-cache holds every token at the quantizer's width until then.
+cache holds every token at the quantizer's width until then. ``keep_of`` (``budget_at: end``): ``held`` = each
+layer keeps ``keep_ratio`` of what it holds (``keep_tokens`` as a ratio of the prompt length); ``prompt`` = each
+layer keeps ``round(keep_ratio * prompt length)`` tokens (or ``keep_tokens``), at most what it holds: one
+capacity for every layer, FastKV's (its ``retain_rate``; past its TSP layer, ``retain_rate / tsp_rate`` of the
+carried tokens is the same count).
 ``hold_bits`` (``compressor.question: end`` only): before the question is known no token is stored below
 this width and none is dropped; the question-aware pass at the prompt's end demotes them to their tiers.
 The first ``protect_sinks`` positions are never dropped and always get the highest width; tokens
@@ -98,11 +102,26 @@ class Precision:
     protect_sinks: int = param(4, ge=0)
     hold_bits: int = param(4, choices=(2, 3, 4, 8, 16))
     budget_at: Literal["stream", "end"] = "stream"
+    keep_of: Literal["held", "prompt"] = "held"
 
     def __post_init__(self) -> None:
         if not self.theta_m < self.theta_h:
             raise ConfigError(f"compressor.precision: need theta_m < theta_h, got theta_m={self.theta_m}"
                               f" theta_h={self.theta_h}")
+        if self.keep_of == "prompt" and self.budget_at != "end":
+            raise ConfigError("compressor.precision.keep_of=prompt needs compressor.precision.budget_at=end "
+                              f"(got budget_at={self.budget_at}); allowed with budget_at=stream: held")
+
+    def end_keep(self, held: int, prompt_len: int) -> int:
+        """``budget_at: end``: how many of the ``held`` tokens a layer keeps (see ``keep_of``)."""
+        if self.keep_of == "prompt" and prompt_len:
+            cap = self.keep_tokens if self.keep_tokens is not None else round(float(self.keep_ratio or 1.0)
+                                                                                * prompt_len)
+            return max(1, min(held, cap))
+        ratio = float(self.keep_ratio or 1.0)
+        if self.keep_tokens is not None and prompt_len:
+            ratio = min(1.0, self.keep_tokens / prompt_len)
+        return max(1, round(ratio * held))
 
     @property
     def active(self) -> bool:
