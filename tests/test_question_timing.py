@@ -141,3 +141,25 @@ def test_end_budget_with_full_precision_store_drops_and_keeps_the_rest_bit_exact
         assert k.dtype == ref.dtype
         # layer 0 sees the same inputs (bit-exact); deeper layers differ by the chunked attention's rounding
         assert torch.equal(k, ref) if i == 0 else torch.allclose(k, ref, atol=1e-4)
+
+
+def test_stage_selection_scores_with_the_queries_own_positions_when_few_tokens_are_held(tiny) -> None:
+    """prompt_guided budget 0.5 with 80/60/40 propagation and the question appended to the prompt's chunks: after the
+    stages, a layer can hold fewer tokens than the trailing query window (the question's queries are never stored).
+    The question-aware scores then mask with the queries' own positions; taking the held tokens' last positions for
+    them raised a shape error (46 held vs a 50-query window) on a short prompt."""
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, 60), generator=torch.Generator().manual_seed(3))
+    question = torch.randint(3, 250, (1, 50), generator=torch.Generator().manual_seed(4))
+    comp = COMPRESSORS.build({"name": "unified", "chunk_size": 64, "question": "oracle",
+                              "precision": {"mode": "budget", "keep_ratio": 0.5}},
+                             quantizer=QUANTIZERS.build({"name": "kvquant_stream"}),
+                             propagator=PROPAGATORS.build({"name": "layer_ratio"}),
+                             scorer=SCORERS.build({"name": "prompt_guided"}))
+    with comp.session(model, question) as sess:
+        logits = sess.prefill(ids)
+    assert torch.isfinite(logits).all()
+    window = max(q.shape[2] for q, _, _ in sess.scoring.last_queries.values())
+    held = [layer.held() for layer in sess.cache.layers]
+    assert min(held) < window  # the case that failed: fewer held tokens than trailing queries
+    assert all(0 < h < 60 for h in held)

@@ -63,13 +63,12 @@ def end_scores(run: Any, scoring: Any, bands: Any, history: int = 65536, layers:
         last = scoring.last_queries.get(i)
         if last is None or layer.held() == 0:
             continue
-        queries, scaling = last
+        queries, scaling, q_pos = last
         keys, _ = layer.materialize()
         pos = held_positions(layer).to(keys.device).long()
         rope = cache.ropes[i]
         pre = rope.invert(keys, pos) if rope is not None else keys
-        w = queries.shape[2]
-        lse = question_lse(queries, keys, pos[-w:], pos, scaling, scoring.windows[i])
+        lse = question_lse(queries, keys, q_pos.to(pos.device).long(), pos, scaling, scoring.windows[i])
         ctx = ScoreContext(i, n_layers, keys, pre, queries, lse, pos, int(pos.numel()), scaling,
                            int(run.prompt_len), scoring.windows[i])
         scores[i] = torch.nan_to_num(scoring.scorer.score(ctx).float(), nan=0.0)

@@ -39,7 +39,10 @@ class Scoring:
         self.window = window  # trailing queries to keep (-1 = all)
         self.n_layers = len(arch.decoder_layers(model))
         self.windows = arch.windows(model)  # per layer: its sliding window (None: full attention)
-        self.last_queries: dict[int, tuple[torch.Tensor, float]] = {}  # question: end -- last forward's queries
+        #: question: end -- per layer, the last forward's trailing queries ``[B, Hq, W, D]``, their scaling and their
+        #: absolute positions ``[W]`` (an appended question's queries are never stored, so the held tokens' last
+        #: positions are not theirs)
+        self.last_queries: dict[int, tuple[torch.Tensor, float, torch.Tensor]] = {}
         self.end_pass: Any = None  # question: end -- called once the prompt has been read
 
     def score(self, cache: CompressedCache, layer_idx: int, new_keys: torch.Tensor, positions: torch.Tensor,
@@ -56,7 +59,7 @@ class Scoring:
             if self.window != 0:
                 w = q if self.window < 0 else min(self.window, q)
                 queries, lse = attn[0][:, :, -w:], attn[1][:, :, -w:]
-                self.last_queries[layer_idx] = (queries, scaling)
+                self.last_queries[layer_idx] = (queries, scaling, positions[-w:])
         ctx = ScoreContext(layer_idx, self.n_layers, new_keys, pre, queries, lse, positions, n_store,
                            scaling, prompt_len, self.windows[layer_idx])
         s = self.scorer.score(ctx).float()
