@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def header(title: str, argv: list[str]) -> str:
     cpu = platform.processor() or platform.machine()
     omp = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
     return (f"# {title}\n\n"
-            f"- command: `{omp}python -m {' '.join(argv)}`\n"
+            f"- command: `{omp}python -m {shlex.join(argv)}`\n"
             f"- machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
             f"{platform.system()} {platform.release()}\n"
             f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
