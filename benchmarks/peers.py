@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -312,7 +311,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 f"{a.ppl_cont}; greedy; kvpress ratios {a.ratios}; kvcomp keep ratios "
                 + ("1 - ratio" if a.no_calibrate else "calibrated to (1 - ratio) x the full cache's bytes on the "
                    "first prompt (`benchmarks.peers.calibrate`, column keep)"))
-    cmd = ["benchmarks.peers", *map(shlex.quote, argv or sys.argv[1:])]  # quoted: --only names have spaces
+    cmd = ["benchmarks.peers", *(argv or sys.argv[1:])]  # header() quotes the --only names that have spaces
     head = header("kvcomp vs kvpress vs HF QuantizedCache", cmd).replace("`python -m", "`nice -n 19 python -m")
     head = head.replace("`nice", "`PEERS_SMOKE=1 nice") if smoke else head
     write_report(table, a.out_dir, head + f"- settings: {settings}\n")
