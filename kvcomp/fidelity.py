@@ -59,9 +59,15 @@ def snapshot(cache: Any) -> list[dict[str, Any]]:
 
 
 def restore(cache: Any, state: list[dict[str, Any]]) -> None:
-    """Put ``cache`` back into the state :func:`snapshot` took (e.g. right after the prefill)."""
+    """Put ``cache`` back into the state :func:`snapshot` took (e.g. right after the prefill). The snapshot's
+    tensors are handed to the cache, which appends into them in place (the arena grows in its capacity), so a
+    snapshot restores once: it is emptied here, and a second restore from it raises instead of silently
+    bringing back the later appends."""
+    if not state:
+        raise ValueError("this snapshot was already restored (a snapshot restores once; take a new one)")
     for o, s in zip([cache, *getattr(cache, "layers", [])], state, strict=True):
         vars(o).update(s)
+    state.clear()
 
 
 def scores(ref: torch.Tensor, logp: torch.Tensor, target_ids: list[int]) -> dict[str, float]:

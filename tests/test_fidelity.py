@@ -46,6 +46,25 @@ def test_teacher_forcing_leaves_generation_alone_and_matches_a_fresh_prefill(tin
     torch.testing.assert_close(logp, ref, rtol=0, atol=1e-5)
 
 
+def test_a_snapshot_restores_once_and_later_appends_do_not_leak_into_it(tiny) -> None:
+    """After a restore the cache owns the snapshot's tensors and appends into them in place; a second restore from
+    the same snapshot would bring back those appends, so it raises."""
+    from kvcomp.fidelity import restore, snapshot, teacher_force
+
+    model, _ = tiny
+    comp = _comp("kvquant_stream")
+    prompt = torch.randint(5, 200, (1, 200), generator=torch.Generator().manual_seed(1))
+    with comp.session(model, prompt[:, -8:]) as s:
+        last = s.prefill(prompt)
+        state = snapshot(s.cache)
+        first = teacher_force(model, s.cache, last, [7, 11, 13])
+        restore(s.cache, state)
+        again = teacher_force(model, s.cache, last, [7, 11, 13])
+        with pytest.raises(ValueError, match="already restored"):
+            restore(s.cache, state)
+    torch.testing.assert_close(again, first, rtol=0, atol=1e-5)
+
+
 def test_scores_of_identical_and_different_distributions() -> None:
     from kvcomp.fidelity import scores
 
