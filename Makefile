@@ -30,7 +30,7 @@ $(TRITON_STAMP): $(STAMP)
 
 # pytest-xdist workers (tests/conftest.py gives each cores / workers torch threads); TEST_WORKERS=0: one process
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadgroup
+XDIST := -n $(TEST_WORKERS)
 
 test: $(STAMP) $(TRITON_STAMP)
 	$(BIN)/python -m ruff check kvcomp runners tests benchmarks hydra_plugins tools

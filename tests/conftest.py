@@ -40,6 +40,25 @@ def pytest_configure(config: pytest.Config) -> None:
     cpu.ops()
 
 
+#: test files whose tests share one costly module fixture (the SmolLM2 suite run, the two-worker journal sweep): all
+#: their tests go to one xdist worker, so the fixture runs once. xdist's own ``--dist loadgroup`` cannot do it under
+#: pytest 9.2 (its worker renames ``item._nodeid``, which pytest 9 no longer reads), so the scheduler is set here.
+ONE_WORKER = ("tests/test_offline_suite.py", "tests/test_sweep_journal.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Each test is its own unit of work (as ``--dist load``), except the files of ``ONE_WORKER``: one unit each."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerFiles(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path.endswith(ONE_WORKER) else nodeid
+
+    return OneWorkerFiles(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under xdist, the ``slow`` tests (real model, subprocess runs) go first, each kind in file order, so the
     many short tests fill the workers' tails instead of one long test running alone at the end."""

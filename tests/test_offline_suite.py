@@ -178,7 +178,6 @@ def random_answer(rng: random.Random, subtask: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("suite_run")  # one worker; pytest 9.2 + xdist 3.8.0 ignore it
 @pytest.mark.parametrize("subtask", SUBTASKS)
 def test_smollm2_solves_subtask(suite_run, subtask: str) -> None:
     task, _, records = suite_run
@@ -192,7 +191,6 @@ def test_smollm2_solves_subtask(suite_run, subtask: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("suite_run")  # one worker; pytest 9.2 + xdist 3.8.0 ignore it
 @pytest.mark.parametrize("subtask", SUBTASKS)
 def test_random_answers_fail(suite_run, subtask: str) -> None:
     task, samples, _ = suite_run

@@ -263,7 +263,7 @@ def test_all_thirteen_tasks_are_known() -> None:
 
 @pytest.mark.parametrize("preset", ["hpo/tpe", "hpo/nsga2", "ablation/smoke"])
 def test_sweep_presets_compose_with_ruler_objective(preset: str) -> None:
-    from test_sweeps import check_preset
+    from test_sweep_presets import check_preset
 
     check_preset([f"+sweeps={preset}", "task=ruler", "task.subtasks=[niah_single_1,vt]", "objective=score"])
 

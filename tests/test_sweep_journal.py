@@ -48,7 +48,6 @@ def _study(sweep: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("journal_sweep")  # one worker; pytest 9.2 + xdist 3.8.0 ignore it
 def test_two_workers_share_one_journal_file(journal_sweep: Path) -> None:
     from kvcomp.sweep.study import OWNER, RUN_DIR
 
@@ -81,7 +80,6 @@ def _listening(host: str, port: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("journal_sweep")  # one worker; pytest 9.2 + xdist 3.8.0 ignore it
 @pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium and chromium-driver on PATH "
                     "(apt-get install -y chromium chromium-driver; .ci/run installs them)")
 def test_dashboard_renders_the_study_in_a_browser(journal_sweep: Path) -> None:
