@@ -75,18 +75,20 @@ def test_failed_build_warns_once_and_uses_torch() -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("b", [1, 2])
-def test_decode_kernel_equals_materialize_oracle(case: str, b: int) -> None:
+@pytest.mark.parametrize("b,d", [(1, 32), (2, 32), (1, 64), (2, 128)])
+@pytest.mark.parametrize("generic", [False, True])
+def test_decode_kernel_equals_materialize_oracle(case: str, b: int, d: int, generic: bool) -> None:
+    """Both decode kernels (vectorised and generic) on every block type and head dims 32 / 64 / 128."""
     from kvcomp.cache.layer import materialized_attention
     from kvcomp.kernels.decode import decode_attention_cpu
 
-    layer = build_layer(CASES[case], b=b, hkv=2, d=32, t=300, chunk=64, start=1000)
+    layer = build_layer(CASES[case], b=b, hkv=2, d=d, t=300, chunk=64, start=1000)
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(b, 6, 1, 32, generator=g)
-    k, v = torch.randn(b, 2, 1, 32, generator=g), torch.randn(b, 2, 1, 32, generator=g)
-    got = decode_attention_cpu(q, layer.history(), k, v, 32**-0.5, layer.rope)
+    q = torch.randn(b, 6, 1, d, generator=g)
+    k, v = torch.randn(b, 2, 1, d, generator=g), torch.randn(b, 2, 1, d, generator=g)
+    got = decode_attention_cpu(q, layer.history(), k, v, d**-0.5, layer.rope, generic=generic)
     assert got is not None
-    want = materialized_attention(layer, q, k, v, torch.arange(layer.seen, layer.seen + 1), 32**-0.5)
+    want = materialized_attention(layer, q, k, v, torch.arange(layer.seen, layer.seen + 1), d**-0.5)
     assert (got[0] - want[0]).abs().max() < 1e-4 and (got[1] - want[1]).abs().max() < 1e-4, case
 
 

@@ -11,13 +11,16 @@ contiguous) for tokens ``t0 + j`` of a stored block, optionally rotated by split
   ``[B, n, N_special]`` and an int32 column map ``[H*D]`` (``c >= 0``: normal column ``c``; ``c < 0``: special
   column ``-c - 1``);
 - ``rope_tile``: the rotation alone, in place;
-- ``decode_partial``: one decode step's attention straight from a block pair's codes (``decode.py``): each
-  thread decodes rows of its share of the tokens (dense / packed / channel-split sources described by
-  ``cpu.py``'s int64 meta rows), applies RoPE in registers, and keeps an online softmax per query head;
-  the threads' partial (max, sum, accumulator) are merged into the running state in place.
+- ``decode_partial_generic``: one decode step's attention straight from a block pair's codes (``decode.py``):
+  each thread decodes rows of its share of the tokens (dense / packed / channel-split / sparse sources described
+  by ``cpu.py``'s int64 meta rows), applies RoPE in registers, and keeps an online softmax per query head;
+  the threads' partial (max, sum, accumulator) are merged into the running state in place;
+- ``decode_partial``: the same step, vectorised (``cpu_fast_src.py``, AVX-512: codes decoded into registers,
+  tiles of 16 tokens), the generic kernel where AVX-512 or the head dim does not allow it.
 """
 
 from kvcomp.kernels.cpu_decode_src import DECODE_SOURCE
+from kvcomp.kernels.cpu_fast_src import FAST_SOURCE
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -210,6 +213,7 @@ void rope_tile(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 }
 """
 
-FUNCTIONS = ["packed_tile", "dense_tile", "split_tile", "rope_tile", "decode_partial"]
-#: the whole extension: these shared helpers and tile kernels, then the decode kernel (``cpu_decode_src.py``)
-SOURCE = SOURCE + DECODE_SOURCE
+FUNCTIONS = ["packed_tile", "dense_tile", "split_tile", "rope_tile", "decode_partial", "decode_partial_generic"]
+#: the whole extension: these shared helpers and tile kernels, then the generic decode kernel (``cpu_decode_src.py``)
+#: and the vectorised one (``cpu_fast_src.py``)
+SOURCE = SOURCE + DECODE_SOURCE + FAST_SOURCE
