@@ -39,6 +39,10 @@ struct Src {
   __m512i idx[4], shv, mask;
   std::vector<float> cs, cz;   // channel axis: per head the scale / zero row of the cached group
   std::vector<int64_t> ckey;
+  // channel split (kind 4): per chunk of 16 output columns, the normal-column mask and the columns before it
+  std::vector<uint16_t> cmask;
+  std::vector<int64_t> pn, psp;
+  std::vector<float> a, b;
   // generic
   Dec dec;
   std::vector<float> buf;
@@ -66,9 +70,30 @@ struct Src {
       if (!tok) { cs.resize(H * D); cz.resize(H * D); ckey.assign(H, -1); }
     } else if (m[0] == 0 && m[7] == D && (m[2] == 0 || m[2] == 1)) {
       kind = m[2] == 0 ? 1 : 2;
+    } else if (m[0] == 2 && m[3] == D && m[2] == H && split_in_order()) {
+      kind = 4;
+      a.resize(dec.sub[0].width() + 16);
+      b.resize(dec.sub[1].width() + 16);
     } else {
       buf.resize(H * D);
     }
+  }
+
+  // a split whose normal and special columns each keep the output's order: each chunk is two expanding loads
+  bool split_in_order() {
+    const int32_t* cm = reinterpret_cast<const int32_t*>(m[1]);
+    const int64_t W = H * D;
+    int64_t nn = 0, ns = 0;
+    for (int64_t i = 0; i < W; ++i) {
+      if (i % 16 == 0) { pn.push_back(nn); psp.push_back(ns); cmask.push_back(0); }
+      if (cm[i] >= 0) {
+        if (cm[i] != nn++) return false;
+        cmask.back() |= (uint16_t)(1u << (i % 16));
+      } else if (-cm[i] - 1 != ns++) {
+        return false;
+      }
+    }
+    return true;
   }
 
   // row of (token t, KV head h) into NC chunks of 16 floats
@@ -115,6 +140,21 @@ struct Src {
           const at::Half* hp = reinterpret_cast<const at::Half*>(m[1]) + base + 16 * c;
           r[c] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hp)));
         }
+      }
+      return;
+    }
+    if (kind == 4) {
+      if (brow != t || bbi != bi) {
+        dec.sub[0].row(bi, t, a.data());
+        dec.sub[1].row(bi, t, b.data());
+        brow = t;
+        bbi = bi;
+      }
+      for (int c = 0; c < NC; ++c) {
+        const int64_t k = h * NC + c;
+        const __mmask16 mk = cmask[k];
+        r[c] = _mm512_mask_expandloadu_ps(_mm512_maskz_expandloadu_ps(mk, a.data() + pn[k]), (__mmask16)~mk,
+                                          b.data() + psp[k]);
       }
       return;
     }
@@ -191,13 +231,10 @@ void decode_fast(const float* qp, const int64_t* kmeta, const int64_t* vmeta, in
             mm[i] = bm;
           }
           const float mx = mm[i];
+#pragma omp simd
+          for (int64_t jj = 0; jj < FT; ++jj) si[jj] = exp_neg(si[jj] - mx);
           float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t jj = 0; jj < FT; ++jj) {
-            const float p = jj < nb ? exp_neg(si[jj] - mx) : 0.f;
-            si[jj] = p;
-            sum += p;
-          }
+          for (int64_t jj = 0; jj < nb; ++jj) sum += si[jj];
           ll[i] += sum;
         }
         for (int64_t jj = 0; jj < nb; ++jj) {

@@ -29,6 +29,9 @@ SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -38,6 +41,21 @@ constexpr int64_t GRAIN = 4096;
 
 template <typename S>
 inline float tof(S x) { return static_cast<float>(x); }
+
+#if defined(__AVX512F__)
+// lane tables of the vectorised unpack: chunk k of a 16-byte block, lane l reads byte (16k + l) / per and shifts it by
+// bits * (l % per) (per = 8 / bits codes a byte)
+alignas(64) const int32_t UNPACK_IX2[2][16] = {
+    {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7},
+    {8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15}};
+alignas(64) const int32_t UNPACK_IX4[4][16] = {
+    {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
+    {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
+    {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
+    {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
+alignas(64) const int32_t UNPACK_SH2[16] = {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4};
+alignas(64) const int32_t UNPACK_SH4[16] = {0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6};
+#endif
 
 inline void unpack_row(const uint8_t* codes, int bits, int64_t e0, int64_t D, float* row) {
   if (bits == 8) {
@@ -64,6 +82,20 @@ inline void unpack_row(const uint8_t* codes, int bits, int64_t e0, int64_t D, fl
     for (; d < D && sh < 8; ++d, sh += bits) row[d] = (float)((*c >> sh) & mask);
     ++c;
   }
+#if defined(__AVX512F__)
+  // whole 16-byte blocks: 16 codes per zmm (lane l of chunk k: byte (16k + l) / per, shift bits * (l % per))
+  if (D - d >= 16 * per) {
+    const int32_t(*ix)[16] = per == 2 ? UNPACK_IX2 : UNPACK_IX4;
+    const __m512i shv = _mm512_load_si512(per == 2 ? UNPACK_SH2 : UNPACK_SH4), mv = _mm512_set1_epi32((int)mask);
+    for (; D - d >= 16 * per; d += 16 * per, c += 16) {
+      const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+      for (int k = 0; k < per; ++k) {
+        const __m512i x = _mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_load_si512(ix[k]), w), shv);
+        _mm512_storeu_ps(row + d + 16 * k, _mm512_cvtepi32_ps(_mm512_and_si512(x, mv)));
+      }
+    }
+  }
+#endif
   const int64_t nb = (D - d) / per;
   float* r = row + d;
   if (bits == 4) {
