@@ -10,14 +10,17 @@ floats.
 - a channel split whose two parts keep the output's column order: both parts' rows of a tile of ``FT`` tokens
   decoded in one pass each (``part_rows``: one unpack over the tile's contiguous codes, then the scales), each chunk
   of 16 output columns one load (or, where the chunk mixes both parts, two expanding loads);
-- anything else (sparse outliers, 3-bit, bf16, other splits): all heads of a token through the generic ``Dec::row``
+- sparse outliers over such packed codes: the codes' row in registers, then (only for a row that has outliers,
+  found from where the head's previous row ended) the row stored, its outliers written over it, and reloaded;
+- anything else (3-bit, bf16, other splits or sparse bases): all heads of a token through the generic ``Dec::row``
   (``cpu_decode_src.py``) into a row buffer.
 """
 
 ROWS_SOURCE = r"""
 constexpr int64_t FT = 16;  // tokens per tile
 
-// how one source (K or V) is read: kind 0 packed codes, 1 dense fp32, 2 dense fp16, 3 generic (Dec::row)
+// how one source (K or V) is read: kind 0 packed codes, 1 dense fp32, 2 dense fp16, 3 generic (Dec::row), 4 channel
+// split, 5 sparse outliers over packed codes
 struct Src {
   const int64_t* m;
   int kind = 3;
@@ -35,31 +38,44 @@ struct Src {
   std::vector<uint16_t> cmask;
   std::vector<int64_t> pn, psp;
   std::vector<float> a, b;
+  // sparse (kind 5): per head, where the last row's outliers ended and which row it was
+  std::vector<int64_t> cur, prev;
   // generic
   Dec dec;
   std::vector<float> buf;
   int64_t brow = -1, bbi = -1, bcnt = 0, tend = 0;  // the rows held (kind 3: one; kind 4: a tile up to tend)
 
+  // packed codes this source can read into registers (``pm``: their meta row)
+  bool packed_init(const int64_t* pm) {
+    if (!(pm[0] == 1 && (pm[5] == 2 || pm[5] == 4 || pm[5] == 8) && pm[6] == H && pm[8] == D &&
+          (D * pm[5]) % 128 == 0 && (pm[9] == 0 || pm[11] == 1 || (pm[10] > 0 && pm[10] % 16 == 0))))
+      return false;
+    codes = reinterpret_cast<const uint8_t*>(pm[1]);
+    sc = reinterpret_cast<const void*>(pm[2]);
+    ze = reinterpret_cast<const void*>(pm[3]);
+    sdt = pm[4]; bits = pm[5]; T = pm[7]; tok = pm[9] != 0; group = pm[10]; ng = pm[11];
+    per = 8 / bits;
+    rb = D * bits / 8;
+    for (int k = 0; k < per; ++k) {
+      alignas(64) int32_t ix[16];
+      for (int l = 0; l < 16; ++l) ix[l] = (16 * k + l) / per;
+      idx[k] = _mm512_load_si512(ix);
+    }
+    alignas(64) int32_t sh[16];
+    for (int l = 0; l < 16; ++l) sh[l] = (int32_t)(bits * (l % per));
+    shv = _mm512_load_si512(sh);
+    mask = _mm512_set1_epi32((1 << bits) - 1);
+    if (!tok) { cs.resize(H * D); cz.resize(H * D); ckey.assign(H, -1); }
+    return true;
+  }
+
   Src(const int64_t* meta, int64_t Hk, int64_t D_) : m(meta), H(Hk), D(D_), dec(meta) {
-    if (m[0] == 1 && (m[5] == 2 || m[5] == 4 || m[5] == 8) && m[8] == D && (D * m[5]) % 128 == 0 &&
-        (m[9] == 0 || m[11] == 1 || (m[10] > 0 && m[10] % 16 == 0))) {
+    if (packed_init(m)) {
       kind = 0;
-      codes = reinterpret_cast<const uint8_t*>(m[1]);
-      sc = reinterpret_cast<const void*>(m[2]);
-      ze = reinterpret_cast<const void*>(m[3]);
-      sdt = m[4]; bits = m[5]; T = m[7]; tok = m[9] != 0; group = m[10]; ng = m[11];
-      per = 8 / bits;
-      rb = D * bits / 8;
-      for (int k = 0; k < per; ++k) {
-        alignas(64) int32_t ix[16];
-        for (int l = 0; l < 16; ++l) ix[l] = (16 * k + l) / per;
-        idx[k] = _mm512_load_si512(ix);
-      }
-      alignas(64) int32_t sh[16];
-      for (int l = 0; l < 16; ++l) sh[l] = (int32_t)(bits * (l % per));
-      shv = _mm512_load_si512(sh);
-      mask = _mm512_set1_epi32((1 << bits) - 1);
-      if (!tok) { cs.resize(H * D); cz.resize(H * D); ckey.assign(H, -1); }
+    } else if (m[0] == 3 && m[5] == H && m[6] == D && m[7] == m[16 + 7] && packed_init(m + 16)) {
+      kind = 5;  // sparse outliers over packed codes: the codes' row, then the row's outliers written over it
+      cur.assign(H, 0);
+      prev.assign(H, -2);
     } else if (m[0] == 0 && m[7] == D && (m[2] == 0 || m[2] == 1)) {
       kind = m[2] == 0 ? 1 : 2;
     } else if (m[0] == 2 && m[3] == D && m[2] == H && split_in_order()) {
@@ -127,39 +143,61 @@ struct Src {
     return true;
   }
 
+  // the row of packed codes (kinds 0 and 5)
+  template <int NC>
+  inline void packed_load(int64_t bi, int64_t h, int64_t t, __m512* r) {
+    const int64_t bh = bi * H + h, row = bh * T + t;
+    const uint8_t* p = codes + row * rb;
+    for (int blk = 0; blk < NC / per; ++blk) {
+      const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * blk)));
+      for (int k = 0; k < per; ++k) {
+        __m512i x = per == 1 ? w : _mm512_srlv_epi32(_mm512_permutexvar_epi32(idx[k], w), shv);
+        r[blk * per + k] = _mm512_cvtepi32_ps(_mm512_and_si512(x, mask));
+      }
+    }
+    if (tok) {
+      for (int c = 0; c < NC; ++c) {
+        const int64_t g = ng == 1 ? 0 : (16 * c) / group;
+        const float s = loadf(sc, sdt, row * ng + g), z = loadf(ze, sdt, row * ng + g);
+        r[c] = _mm512_fmadd_ps(r[c], _mm512_set1_ps(s), _mm512_set1_ps(z));
+      }
+    } else {
+      const int64_t g = t / group, key = bi * ng + g;
+      float* s = cs.data() + h * D;
+      float* z = cz.data() + h * D;
+      if (ckey[h] != key) {
+        for (int64_t d = 0; d < D; ++d) {
+          s[d] = loadf(sc, sdt, (bh * D + d) * ng + g);
+          z[d] = loadf(ze, sdt, (bh * D + d) * ng + g);
+        }
+        ckey[h] = key;
+      }
+      for (int c = 0; c < NC; ++c)
+        r[c] = _mm512_fmadd_ps(r[c], _mm512_loadu_ps(s + 16 * c), _mm512_loadu_ps(z + 16 * c));
+    }
+  }
+
   // row of (token t, KV head h) into NC chunks of 16 floats
   template <int NC>
   inline void load(int64_t bi, int64_t h, int64_t t, __m512* r) {
+    if (kind == 5) {
+      packed_load<NC>(bi, h, t, r);
+      const int64_t nnz = m[1], row = (bi * H + h) * T + t;
+      const int32_t* ix = reinterpret_cast<const int32_t*>(m[2]);
+      int64_t k = prev[h] == row - 1 ? cur[h] : std::lower_bound(ix, ix + nnz, (int64_t)(row * D)) - ix;
+      if (k < nnz && ix[k] < (row + 1) * D) {
+        alignas(64) float tmp[NC * 16];
+        for (int c = 0; c < NC; ++c) _mm512_store_ps(tmp + 16 * c, r[c]);
+        const void* vals = reinterpret_cast<const void*>(m[3]);
+        for (; k < nnz && ix[k] < (row + 1) * D; ++k) tmp[ix[k] - row * D] = loadf(vals, m[4], k);
+        for (int c = 0; c < NC; ++c) r[c] = _mm512_load_ps(tmp + 16 * c);
+      }
+      cur[h] = k;
+      prev[h] = row;
+      return;
+    }
     if (kind == 0) {
-      const int64_t bh = bi * H + h, row = bh * T + t;
-      const uint8_t* p = codes + row * rb;
-      for (int blk = 0; blk < NC / per; ++blk) {
-        const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * blk)));
-        for (int k = 0; k < per; ++k) {
-          __m512i x = per == 1 ? w : _mm512_srlv_epi32(_mm512_permutexvar_epi32(idx[k], w), shv);
-          r[blk * per + k] = _mm512_cvtepi32_ps(_mm512_and_si512(x, mask));
-        }
-      }
-      if (tok) {
-        for (int c = 0; c < NC; ++c) {
-          const int64_t g = ng == 1 ? 0 : (16 * c) / group;
-          const float s = loadf(sc, sdt, row * ng + g), z = loadf(ze, sdt, row * ng + g);
-          r[c] = _mm512_fmadd_ps(r[c], _mm512_set1_ps(s), _mm512_set1_ps(z));
-        }
-      } else {
-        const int64_t g = t / group, key = bi * ng + g;
-        float* s = cs.data() + h * D;
-        float* z = cz.data() + h * D;
-        if (ckey[h] != key) {
-          for (int64_t d = 0; d < D; ++d) {
-            s[d] = loadf(sc, sdt, (bh * D + d) * ng + g);
-            z[d] = loadf(ze, sdt, (bh * D + d) * ng + g);
-          }
-          ckey[h] = key;
-        }
-        for (int c = 0; c < NC; ++c)
-          r[c] = _mm512_fmadd_ps(r[c], _mm512_loadu_ps(s + 16 * c), _mm512_loadu_ps(z + 16 * c));
-      }
+      packed_load<NC>(bi, h, t, r);
       return;
     }
     if (kind == 1 || kind == 2) {
