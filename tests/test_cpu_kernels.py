@@ -124,3 +124,17 @@ def test_rows_starting_inside_a_byte_unpack_like_the_reference(bits: int, d: int
             block.tile_reference(t0, t1, want)
             got = block.tile_into(t0, t1, torch.empty(2, 3, t1 - t0, d))
             assert torch.allclose(got, want, atol=1e-6, rtol=0), (bits, d, axis, t0)
+
+
+def test_decode_kernel_refuses_positions_outside_the_rope_table() -> None:
+    """A stored position with no row in the cos/sin table (a caller's bound too small) is an error, not a read past
+    the table."""
+    ops = cpu.ops()
+    q, k = torch.randn(1, 2, 3, 32), torch.randn(1, 2, 4, 32)
+    meta = torch.tensor(cpu.dense_meta(k, []), dtype=torch.int64)
+    cos = sin = torch.ones(8, 16)
+    m, l, acc = torch.full((1, 2, 3), float("-inf")), torch.zeros(1, 2, 3), torch.zeros(1, 2, 3, 32)
+    ok = torch.tensor([0, 1, 2, 7], dtype=torch.int32)
+    ops.decode_partial(q, meta, meta, 0, 4, ok, cos, sin, m, l, acc)
+    with pytest.raises(RuntimeError, match="outside the rope table"):
+        ops.decode_partial(q, meta, meta, 0, 4, torch.tensor([0, 1, 2, 8], dtype=torch.int32), cos, sin, m, l, acc)

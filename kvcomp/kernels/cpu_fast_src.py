@@ -117,6 +117,12 @@ void decode_fast(const float* qp, const int64_t* kmeta, const int64_t* vmeta, in
 void decode_partial(torch::Tensor q, torch::Tensor kmeta, torch::Tensor vmeta, int64_t t0, int64_t t1,
                     torch::Tensor pos, torch::Tensor cos, torch::Tensor sin, torch::Tensor m, torch::Tensor l,
                     torch::Tensor acc) {
+  if (pos.numel() && cos.numel()) {  // every stored position must have its row in the table (a caller-given bound)
+    const int32_t* pp = pos.data_ptr<int32_t>();
+    int32_t top = 0;
+    for (int64_t j = t0; j < t1; ++j) top = std::max(top, pp[j]);
+    TORCH_CHECK(top < cos.size(0), "decode_partial: position ", top, " outside the rope table of ", cos.size(0));
+  }
 #if defined(__AVX512F__)
   const int64_t B = q.size(0), Hk = q.size(1), G = q.size(2), D = q.size(3), n = t1 - t0;
   if (n <= 0) return;

@@ -73,9 +73,11 @@ def _meta(block: Any, keep: list[torch.Tensor]) -> torch.Tensor | None:
 
 @torch.no_grad()
 def decode_attention_cpu(query: torch.Tensor, history: Any, new_k: torch.Tensor, new_v: torch.Tensor, scale: float,
-                         rope: Any, generic: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+                         rope: Any, generic: bool = False, top: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``generic``: the generic kernel (``decode_partial_generic``) instead of the vectorised one (the tests hold
-    both to the oracle)."""
+    both to the oracle); ``top``: 1 + the largest stored position when the caller knows a bound (the step's own
+    position), else each segment's positions are scanned."""
     ops = cpu.on(query)
     b, hq, q_len, d = query.shape
     hkv = new_k.shape[1]
@@ -86,7 +88,7 @@ def decode_attention_cpu(query: torch.Tensor, history: Any, new_k: torch.Tensor,
     q = (query.float().reshape(b, hkv, g, d) * scale).contiguous()
     m = torch.full((b, hkv, g), float("-inf"))
     l, acc = torch.zeros(b, hkv, g), torch.zeros(b, hkv, g, d)
-    table = half_table(rope, history_top(history)) if rope is not None else None
+    table = half_table(rope, history_top(history) if top is None else top) if rope is not None else None
     segs = [*history.segments(), (new_k, new_v, None)]
     for kb, vb, pos in segs:
         keep: list[torch.Tensor] = []
