@@ -138,3 +138,23 @@ def test_decode_kernel_refuses_positions_outside_the_rope_table() -> None:
     ops.decode_partial(q, meta, meta, 0, 4, ok, cos, sin, m, l, acc)
     with pytest.raises(RuntimeError, match="outside the rope table"):
         ops.decode_partial(q, meta, meta, 0, 4, torch.tensor([0, 1, 2, 8], dtype=torch.int32), cos, sin, m, l, acc)
+
+
+@pytest.mark.parametrize("case", ["uniform4", "kvquant_stream", "livekvquant4"])
+def test_decode_kernel_split_over_threads_equals_the_oracle(case: str) -> None:
+    """Blocks long enough to be split over two threads (flash-decoding, partial states merged)."""
+    from kvcomp.cache.layer import materialized_attention
+    from kvcomp.kernels.decode import decode_attention_cpu
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer = build_layer(CASES[case], b=1, hkv=2, d=64, t=1100, chunk=1024, start=7)
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(1, h, 1, 64, generator=g) for h in (6, 2, 2))
+        for generic in (False, True):
+            got = decode_attention_cpu(q, layer.history(), k, v, 0.125, layer.rope, generic=generic)
+            want = materialized_attention(layer, q, k, v, torch.arange(layer.seen, layer.seen + 1), 0.125)
+            assert (got[0] - want[0]).abs().max() < 1e-4 and (got[1] - want[1]).abs().max() < 1e-4, (case, generic)
+    finally:
+        torch.set_num_threads(threads)
