@@ -51,6 +51,11 @@ void decode_fast(const float* qp, const int64_t* kmeta, const int64_t* vmeta, in
         for (int64_t jj = 0; jj < nb; ++jj) {
           const int64_t t = t0 + j0 + jj;
           const int64_t r = ps_ ? (int64_t)ps_[t] : j0 + jj;
+          if (cs && j0 + jj + PF < n) {  // the rope rows PF tokens ahead
+            const int64_t ra = ps_ ? (int64_t)ps_[t + PF] : j0 + jj + PF;
+            _mm_prefetch(reinterpret_cast<const char*>(cs + ra * RD), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(sn + ra * RD), _MM_HINT_T0);
+          }
           for (int64_t h = 0; h < Hk; ++h) {
             __m512 k[NC];
             kd.template load<NC>(bi, h, t, k);

@@ -18,6 +18,7 @@ floats.
 
 ROWS_SOURCE = r"""
 constexpr int64_t FT = 16;  // tokens per tile
+constexpr int64_t PF = 16;  // rows read ahead (software prefetch)
 
 // how one source (K or V) is read: kind 0 packed codes, 1 dense fp32, 2 dense fp16, 3 generic (Dec::row), 4 channel
 // split, 5 sparse outliers over packed codes
@@ -148,6 +149,13 @@ struct Src {
   inline void packed_load(int64_t bi, int64_t h, int64_t t, __m512* r) {
     const int64_t bh = bi * H + h, row = bh * T + t;
     const uint8_t* p = codes + row * rb;
+    if (t + PF < T) {  // the row PF tokens ahead: one stream per head and tensor, more than the prefetchers follow
+      _mm_prefetch(reinterpret_cast<const char*>(p + PF * rb), _MM_HINT_T0);
+      if (tok) {
+        _mm_prefetch(reinterpret_cast<const char*>(sc) + (row + PF) * ng * (sdt ? 2 : 4), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ze) + (row + PF) * ng * (sdt ? 2 : 4), _MM_HINT_T0);
+      }
+    }
     for (int blk = 0; blk < NC / per; ++blk) {
       const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * blk)));
       for (int k = 0; k < per; ++k) {
