@@ -75,18 +75,20 @@ def test_failed_build_warns_once_and_uses_torch() -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("b", [1, 2])
-def test_decode_kernel_equals_materialize_oracle(case: str, b: int) -> None:
+@pytest.mark.parametrize("b,d", [(1, 32), (2, 32), (1, 64), (2, 128)])
+@pytest.mark.parametrize("generic", [False, True])
+def test_decode_kernel_equals_materialize_oracle(case: str, b: int, d: int, generic: bool) -> None:
+    """Both decode kernels (vectorised and generic) on every block type and head dims 32 / 64 / 128."""
     from kvcomp.cache.layer import materialized_attention
     from kvcomp.kernels.decode import decode_attention_cpu
 
-    layer = build_layer(CASES[case], b=b, hkv=2, d=32, t=300, chunk=64, start=1000)
+    layer = build_layer(CASES[case], b=b, hkv=2, d=d, t=300, chunk=64, start=1000)
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(b, 6, 1, 32, generator=g)
-    k, v = torch.randn(b, 2, 1, 32, generator=g), torch.randn(b, 2, 1, 32, generator=g)
-    got = decode_attention_cpu(q, layer.history(), k, v, 32**-0.5, layer.rope)
+    q = torch.randn(b, 6, 1, d, generator=g)
+    k, v = torch.randn(b, 2, 1, d, generator=g), torch.randn(b, 2, 1, d, generator=g)
+    got = decode_attention_cpu(q, layer.history(), k, v, d**-0.5, layer.rope, generic=generic)
     assert got is not None
-    want = materialized_attention(layer, q, k, v, torch.arange(layer.seen, layer.seen + 1), 32**-0.5)
+    want = materialized_attention(layer, q, k, v, torch.arange(layer.seen, layer.seen + 1), d**-0.5)
     assert (got[0] - want[0]).abs().max() < 1e-4 and (got[1] - want[1]).abs().max() < 1e-4, case
 
 
@@ -122,3 +124,37 @@ def test_rows_starting_inside_a_byte_unpack_like_the_reference(bits: int, d: int
             block.tile_reference(t0, t1, want)
             got = block.tile_into(t0, t1, torch.empty(2, 3, t1 - t0, d))
             assert torch.allclose(got, want, atol=1e-6, rtol=0), (bits, d, axis, t0)
+
+
+def test_decode_kernel_refuses_positions_outside_the_rope_table() -> None:
+    """A stored position with no row in the cos/sin table (a caller's bound too small) is an error, not a read past
+    the table."""
+    ops = cpu.ops()
+    q, k = torch.randn(1, 2, 3, 32), torch.randn(1, 2, 4, 32)
+    meta = torch.tensor(cpu.dense_meta(k, []), dtype=torch.int64)
+    cos = sin = torch.ones(8, 16)
+    m, l, acc = torch.full((1, 2, 3), float("-inf")), torch.zeros(1, 2, 3), torch.zeros(1, 2, 3, 32)
+    ok = torch.tensor([0, 1, 2, 7], dtype=torch.int32)
+    ops.decode_partial(q, meta, meta, 0, 4, ok, cos, sin, m, l, acc)
+    with pytest.raises(RuntimeError, match="outside the rope table"):
+        ops.decode_partial(q, meta, meta, 0, 4, torch.tensor([0, 1, 2, 8], dtype=torch.int32), cos, sin, m, l, acc)
+
+
+@pytest.mark.parametrize("case", ["uniform4", "kvquant_stream", "livekvquant4"])
+def test_decode_kernel_split_over_threads_equals_the_oracle(case: str) -> None:
+    """Blocks long enough to be split over two threads (flash-decoding, partial states merged)."""
+    from kvcomp.cache.layer import materialized_attention
+    from kvcomp.kernels.decode import decode_attention_cpu
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer = build_layer(CASES[case], b=1, hkv=2, d=64, t=1100, chunk=1024, start=7)
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(1, h, 1, 64, generator=g) for h in (6, 2, 2))
+        for generic in (False, True):
+            got = decode_attention_cpu(q, layer.history(), k, v, 0.125, layer.rope, generic=generic)
+            want = materialized_attention(layer, q, k, v, torch.arange(layer.seen, layer.seen + 1), 0.125)
+            assert (got[0] - want[0]).abs().max() < 1e-4 and (got[1] - want[1]).abs().max() < 1e-4, (case, generic)
+    finally:
+        torch.set_num_threads(threads)

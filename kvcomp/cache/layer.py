@@ -141,7 +141,10 @@ class CompressedLayer(CacheLayerMixin):
 
             out, lse = chunk_attention_triton(query, self, key_states, value_states, scale, hist)
         else:
-            fast = decode_attention_cpu(query, hist, key_states, value_states, scale, self.rope) if q_len == 1 else None
+            # stored positions all precede this step's own: the rope table need reach no further
+            top = int(positions.max()) + 1 if q_len == 1 and positions.numel() else None
+            fast = (decode_attention_cpu(query, hist, key_states, value_states, scale, self.rope, top=top)
+                    if q_len == 1 else None)
             out, lse = fast if fast is not None else chunk_attention(query, hist, key_states, value_states, scale,
                                                                      self.rope)
         self._store(key_states, value_states, positions, (query, lse, scale))

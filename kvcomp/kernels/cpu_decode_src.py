@@ -1,5 +1,6 @@
-"""C++ source of the compiled decode kernel ``decode_partial`` (appended to ``cpu_src.SOURCE``, whose helpers
-``unpack_row`` / ``opt`` it uses): one decode step's attention over one block pair straight from its codes.
+"""C++ source of the generic compiled decode kernel ``decode_partial_generic`` (appended to ``cpu_src.SOURCE``,
+whose helpers ``unpack_row`` / ``opt`` it uses): one decode step's attention over one block pair
+straight from its codes.
 
 Each source (K or V) is described by an int64 meta row (``cpu.py``: ``dense_meta``, ``packed_meta``, ``split_meta``);
 a thread decodes the rows of all KV heads of one token (``Dec::row``), rotates the keys with the tile's cos/sin
@@ -148,9 +149,31 @@ inline float exp_neg(float x) {
   return p * scale;
 }
 
+// the threads' partial states (max, sum, accumulator of each query head; ``nch`` per batch row) merged into the
+// running state in place
+void merge_parts(const float* part, int64_t B, int64_t nch, int64_t HG, int64_t D, float* M, float* L, float* A) {
+  const int64_t S = HG * (D + 2);
+  for (int64_t task = 0; task < B * nch; ++task) {
+    const int64_t bi = task / nch;
+    const float* mm = part + task * S;
+    const float* ll = mm + HG;
+    const float* ac = ll + HG;
+    for (int64_t i = 0; i < HG; ++i) {
+      const int64_t o = bi * HG + i;
+      if (ll[i] == 0.f) continue;
+      const float nm = std::max(M[o], mm[i]);
+      const float fa = std::exp(M[o] - nm), fb = std::exp(mm[i] - nm);
+      L[o] = L[o] * fa + ll[i] * fb;
+      float* a = A + o * D;
+      for (int64_t d = 0; d < D; ++d) a[d] = a[d] * fa + ac[i * D + d] * fb;
+      M[o] = nm;
+    }
+  }
+}
+
 }  // namespace
 
-void decode_partial(torch::Tensor q, torch::Tensor kmeta, torch::Tensor vmeta, int64_t t0, int64_t t1,
+void decode_partial_generic(torch::Tensor q, torch::Tensor kmeta, torch::Tensor vmeta, int64_t t0, int64_t t1,
                     torch::Tensor pos, torch::Tensor cos, torch::Tensor sin, torch::Tensor m, torch::Tensor l,
                     torch::Tensor acc) {
   const int64_t B = q.size(0), Hk = q.size(1), G = q.size(2), D = q.size(3), n = t1 - t0;
@@ -243,24 +266,6 @@ void decode_partial(torch::Tensor q, torch::Tensor kmeta, torch::Tensor vmeta, i
       }
     }
   });
-  float* M = m.data_ptr<float>();
-  float* L = l.data_ptr<float>();
-  float* A = acc.data_ptr<float>();
-  for (int64_t task = 0; task < B * nch; ++task) {
-    const int64_t bi = task / nch;
-    const float* mm = part.data() + task * S;
-    const float* ll = mm + HG;
-    const float* ac = ll + HG;
-    for (int64_t i = 0; i < HG; ++i) {
-      const int64_t o = bi * HG + i;
-      if (ll[i] == 0.f) continue;
-      const float nm = std::max(M[o], mm[i]);
-      const float fa = std::exp(M[o] - nm), fb = std::exp(mm[i] - nm);
-      L[o] = L[o] * fa + ll[i] * fb;
-      float* a = A + o * D;
-      for (int64_t d = 0; d < D; ++d) a[d] = a[d] * fa + ac[i * D + d] * fb;
-      M[o] = nm;
-    }
-  }
+  merge_parts(part.data(), B, nch, HG, D, m.data_ptr<float>(), l.data_ptr<float>(), acc.data_ptr<float>());
 }
 """

@@ -11,13 +11,16 @@ contiguous) for tokens ``t0 + j`` of a stored block, optionally rotated by split
   ``[B, n, N_special]`` and an int32 column map ``[H*D]`` (``c >= 0``: normal column ``c``; ``c < 0``: special
   column ``-c - 1``);
 - ``rope_tile``: the rotation alone, in place;
-- ``decode_partial``: one decode step's attention straight from a block pair's codes (``decode.py``): each
-  thread decodes rows of its share of the tokens (dense / packed / channel-split sources described by
-  ``cpu.py``'s int64 meta rows), applies RoPE in registers, and keeps an online softmax per query head;
-  the threads' partial (max, sum, accumulator) are merged into the running state in place.
+- ``decode_partial_generic``: one decode step's attention straight from a block pair's codes (``decode.py``):
+  each thread decodes rows of its share of the tokens (dense / packed / channel-split / sparse sources described
+  by ``cpu.py``'s int64 meta rows), applies RoPE in registers, and keeps an online softmax per query head;
+  the threads' partial (max, sum, accumulator) are merged into the running state in place;
+- ``decode_partial``: the same step, vectorised (``cpu_fast_src.py``, AVX-512: codes decoded into registers,
+  tiles of 16 tokens), the generic kernel where AVX-512 or the head dim does not allow it.
 """
 
 from kvcomp.kernels.cpu_decode_src import DECODE_SOURCE
+from kvcomp.kernels.cpu_fast_src import FAST_SOURCE
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -26,6 +29,9 @@ SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -35,6 +41,21 @@ constexpr int64_t GRAIN = 4096;
 
 template <typename S>
 inline float tof(S x) { return static_cast<float>(x); }
+
+#if defined(__AVX512F__)
+// lane tables of the vectorised unpack: chunk k of a 16-byte block, lane l reads byte (16k + l) / per and shifts it by
+// bits * (l % per) (per = 8 / bits codes a byte)
+alignas(64) const int32_t UNPACK_IX2[2][16] = {
+    {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7},
+    {8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15}};
+alignas(64) const int32_t UNPACK_IX4[4][16] = {
+    {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
+    {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
+    {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
+    {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
+alignas(64) const int32_t UNPACK_SH2[16] = {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4};
+alignas(64) const int32_t UNPACK_SH4[16] = {0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6};
+#endif
 
 inline void unpack_row(const uint8_t* codes, int bits, int64_t e0, int64_t D, float* row) {
   if (bits == 8) {
@@ -61,6 +82,20 @@ inline void unpack_row(const uint8_t* codes, int bits, int64_t e0, int64_t D, fl
     for (; d < D && sh < 8; ++d, sh += bits) row[d] = (float)((*c >> sh) & mask);
     ++c;
   }
+#if defined(__AVX512F__)
+  // whole 16-byte blocks: 16 codes per zmm (lane l of chunk k: byte (16k + l) / per, shift bits * (l % per))
+  if (D - d >= 16 * per) {
+    const int32_t(*ix)[16] = per == 2 ? UNPACK_IX2 : UNPACK_IX4;
+    const __m512i shv = _mm512_load_si512(per == 2 ? UNPACK_SH2 : UNPACK_SH4), mv = _mm512_set1_epi32((int)mask);
+    for (; D - d >= 16 * per; d += 16 * per, c += 16) {
+      const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+      for (int k = 0; k < per; ++k) {
+        const __m512i x = _mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_load_si512(ix[k]), w), shv);
+        _mm512_storeu_ps(row + d + 16 * k, _mm512_cvtepi32_ps(_mm512_and_si512(x, mv)));
+      }
+    }
+  }
+#endif
   const int64_t nb = (D - d) / per;
   float* r = row + d;
   if (bits == 4) {
@@ -210,6 +245,7 @@ void rope_tile(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 }
 """
 
-FUNCTIONS = ["packed_tile", "dense_tile", "split_tile", "rope_tile", "decode_partial"]
-#: the whole extension: these shared helpers and tile kernels, then the decode kernel (``cpu_decode_src.py``)
-SOURCE = SOURCE + DECODE_SOURCE
+FUNCTIONS = ["packed_tile", "dense_tile", "split_tile", "rope_tile", "decode_partial", "decode_partial_generic"]
+#: the whole extension: these shared helpers and tile kernels, then the generic decode kernel (``cpu_decode_src.py``)
+#: and the vectorised one (``cpu_fast_src.py``)
+SOURCE = SOURCE + DECODE_SOURCE + FAST_SOURCE

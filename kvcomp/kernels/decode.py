@@ -73,17 +73,22 @@ def _meta(block: Any, keep: list[torch.Tensor]) -> torch.Tensor | None:
 
 @torch.no_grad()
 def decode_attention_cpu(query: torch.Tensor, history: Any, new_k: torch.Tensor, new_v: torch.Tensor, scale: float,
-                         rope: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+                         rope: Any, generic: bool = False, top: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``generic``: the generic kernel (``decode_partial_generic``) instead of the vectorised one (the tests hold
+    both to the oracle); ``top``: 1 + the largest stored position when the caller knows a bound (the step's own
+    position), else each segment's positions are scanned."""
     ops = cpu.on(query)
     b, hq, q_len, d = query.shape
     hkv = new_k.shape[1]
     if ops is None or q_len != 1 or (rope is not None and not rope.split_half(d)):
         return None
+    kernel = ops.decode_partial_generic if generic else ops.decode_partial
     g = hq // hkv
     q = (query.float().reshape(b, hkv, g, d) * scale).contiguous()
     m = torch.full((b, hkv, g), float("-inf"))
     l, acc = torch.zeros(b, hkv, g), torch.zeros(b, hkv, g, d)
-    table = half_table(rope, history_top(history)) if rope is not None else None
+    table = half_table(rope, history_top(history) if top is None else top) if rope is not None else None
     segs = [*history.segments(), (new_k, new_v, None)]
     for kb, vb, pos in segs:
         keep: list[torch.Tensor] = []
@@ -102,6 +107,6 @@ def decode_attention_cpu(query: torch.Tensor, history: Any, new_k: torch.Tensor,
             return None
         cos, sin = rot if rot is not None else (NO_ROT, NO_ROT)
         p32 = pos if rot is not None and pos.dtype == torch.int32 else (NO_POS if rot is None else pos.to(torch.int32))
-        ops.decode_partial(q, km, vm, 0, n, p32, cos, sin, m, l, acc)
+        kernel(q, km, vm, 0, n, p32, cos, sin, m, l, acc)
     out = (acc / l[..., None]).reshape(b, hq, 1, d).to(query.dtype)
     return out, (m + torch.log(l)).reshape(b, hq, 1)

@@ -84,6 +84,9 @@ class Rope:
 
     def table(self, top: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached cos/sin table ``[P, rotary_dim]`` (float32, ``P >= top``) that ``lookup`` reads rows of."""
+        t = self.__dict__.get("_table")
+        if t is not None and t[0].shape[0] >= max(top, 1):  # decode steps: the table built once, read as is
+            return t
         device = next((b.device for b in self.rotary.buffers()), torch.device("cpu"))
         if top > 0:
             self.lookup(torch.tensor([top - 1], device=device))
