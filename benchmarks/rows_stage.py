@@ -26,6 +26,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "fastkv, heads=max": ("fastkv", ["scorer.heads=max"]),
     "fastkv, heads=rank": ("fastkv", ["scorer.heads=rank"]),
     "fastkv, scorer.window=32": ("fastkv", ["scorer.window=32"]),
+    "fastkv, tsp heads=max": ("fastkv", ["propagation.heads=max"]),
+    "fastkv, tsp heads=max, heads=max": ("fastkv", ["propagation.heads=max", "scorer.heads=max"]),
     "fastkv, schedule=chunk": ("fastkv", FASTKV_CHUNK),
     "prompt_guided, question=end, schedule=chunk": ("prompt_guided", ["compressor.question=end",
                                                                       "propagation.schedule=chunk"]),
