@@ -26,6 +26,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "fastkv, heads=max": ("fastkv", ["scorer.heads=max"]),
     "fastkv, heads=rank": ("fastkv", ["scorer.heads=rank"]),
     "fastkv, scorer.window=32": ("fastkv", ["scorer.window=32"]),
+    # a budget equal to the carried share: 0.2 x the prompt in every layer (past the TSP layer: all it carries)
+    "fastkv, keep_ratio=0.2": ("fastkv", ["compressor.precision.keep_ratio=0.2"]),
+    "fastkv, keep_ratio=0.2, tsp heads=max": ("fastkv", ["compressor.precision.keep_ratio=0.2",
+                                                         "propagation.heads=max"]),
     "fastkv, tsp heads=max": ("fastkv", ["propagation.heads=max"]),
     "fastkv, tsp heads=max, heads=max": ("fastkv", ["propagation.heads=max", "scorer.heads=max"]),
     "fastkv, schedule=chunk": ("fastkv", FASTKV_CHUNK),
