@@ -26,6 +26,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "fastkv, heads=max": ("fastkv", ["scorer.heads=max"]),
     "fastkv, heads=rank": ("fastkv", ["scorer.heads=rank"]),
     "fastkv, scorer.window=32": ("fastkv", ["scorer.window=32"]),
+    "fastkv, scorer.window=4": ("fastkv", ["scorer.window=4"]),
     # a budget equal to the carried share: 0.2 x the prompt in every layer (past the TSP layer: all it carries)
     "fastkv, keep_ratio=0.2": ("fastkv", ["compressor.precision.keep_ratio=0.2"]),
     "fastkv, keep_ratio=0.2, tsp heads=max": ("fastkv", ["compressor.precision.keep_ratio=0.2",
