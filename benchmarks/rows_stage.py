@@ -19,6 +19,20 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "fastkv, tsp_rate=0.4": ("fastkv", ["propagation.tsp_rate=0.4"]),
     "fastkv tuned (tsp_rate=0.4, earlier preset)": ("fastkv", [*FASTKV_EARLIER, "propagation.tsp_rate=0.4"]),
     "fastkv, earlier preset": ("fastkv", FASTKV_EARLIER),
+    # FastKV's two cuts apart: its 0.2 propagation with no KV budget, and its 0.1 budget with no propagation
+    "fastkv, keep_ratio=1.0 (propagation alone)": ("fastkv", ["compressor.precision.keep_ratio=1.0"]),
+    "fastkv, propagation=none (budget alone)": ("fastkv", ["propagation=none"]),
+    # one token set per layer (kvcomp's cache) chosen by each KV head's own score instead of the heads' mean
+    "fastkv, heads=max": ("fastkv", ["scorer.heads=max"]),
+    "fastkv, heads=rank": ("fastkv", ["scorer.heads=rank"]),
+    "fastkv, scorer.window=32": ("fastkv", ["scorer.window=32"]),
+    "fastkv, scorer.window=4": ("fastkv", ["scorer.window=4"]),
+    # a budget equal to the carried share: 0.2 x the prompt in every layer (past the TSP layer: all it carries)
+    "fastkv, keep_ratio=0.2": ("fastkv", ["compressor.precision.keep_ratio=0.2"]),
+    "fastkv, keep_ratio=0.2, tsp heads=max": ("fastkv", ["compressor.precision.keep_ratio=0.2",
+                                                         "propagation.heads=max"]),
+    "fastkv, tsp heads=max": ("fastkv", ["propagation.heads=max"]),
+    "fastkv, tsp heads=max, heads=max": ("fastkv", ["propagation.heads=max", "scorer.heads=max"]),
     "fastkv, schedule=chunk": ("fastkv", FASTKV_CHUNK),
     "prompt_guided, question=end, schedule=chunk": ("prompt_guided", ["compressor.question=end",
                                                                       "propagation.schedule=chunk"]),

@@ -163,3 +163,31 @@ def test_stage_selection_scores_with_the_queries_own_positions_when_few_tokens_a
     held = [layer.held() for layer in sess.cache.layers]
     assert min(held) < window  # the case that failed: fewer held tokens than trailing queries
     assert all(0 < h < 60 for h in held)
+
+
+def test_end_budget_protects_the_queries_own_tokens_not_the_last_held(tiny) -> None:
+    """budget_at=end keeps the held tokens at the prompt end's queries' own positions (the observation window), the
+    sinks, and the rest by score. When the last queries are not the last held tokens (an appended question's
+    queries are never stored), no prompt token is protected in their place: the kept set is the sinks plus the top
+    scores. Protecting the last ``w`` held tokens instead (the rule before) keeps the prompt's tail regardless."""
+    model, _ = tiny
+    t = 150
+    ids = torch.randint(3, 250, (1, t), generator=torch.Generator().manual_seed(11))
+    question = torch.randint(3, 250, (1, 6), generator=torch.Generator().manual_seed(12))
+    comp = unified("end", {"mode": "budget", "keep_ratio": 0.2, "budget_at": "end"}, scorer="snapkv")
+    with comp.session(model, question) as sess:  # the storage order of kvquant_stream is not position order
+        sess.prefill(ids)
+    for layer, (_, _, q_pos) in zip(sess.cache.layers, sess.scoring.last_queries.values(), strict=True):
+        assert set(q_pos.tolist()) <= set(held_positions(layer).tolist())  # the window's own tokens stay
+    with comp.session(model, question) as sess:
+        sess.scoring.end_pass = None  # the end pass runs below, after the queries are moved
+        sess.prefill(ids)
+        for i, (q, scaling, _) in list(sess.scoring.last_queries.items()):  # an appended question's positions
+            sess.scoring.last_queries[i] = (q, scaling, t + torch.arange(q.shape[2]))
+        scores, positions, _ = timing.end_scores(sess, sess.scoring, lambda i: i)
+        timing.budget_end(sess, sess.scoring, comp.policy)
+    for i, layer in enumerate(sess.cache.layers):
+        s, pos = scores[i].clone(), positions[i].long()
+        s[pos < comp.policy.protect_sinks] = float("inf")
+        want = pos[torch.topk(s, comp.policy.end_keep(pos.numel(), t)).indices]
+        assert set(held_positions(layer).tolist()) == set(want.tolist()), i

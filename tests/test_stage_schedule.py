@@ -20,11 +20,12 @@ def fastkv(schedule: str = "stage", **prop):
 
 
 def direct_tsp(model, ids: torch.Tensor, layer: int, rate: float, window: int = 8, kernel: int = 7,
-               pool: str = "max", length: int | None = None) -> set[int]:
+               pool: str = "max", length: int | None = None, heads: str = "sum") -> set[int]:
     """FastKV's TSP selection written out on the plain model's full-prompt forward: layer ``layer``'s queries and
     keys from its input hidden state, the last ``window`` queries' softmax over every key (additive causal mask
     on the window, as the official code does), summed over the window, max- or average-pooled, summed over heads;
-    ``int(T * rate)`` tokens carried, or ``length`` (its constant mode)."""
+    ``int(T * rate)`` tokens carried, or ``length`` (its constant mode). ``heads=max``: the largest KV head's
+    query-group sum instead of the sum over heads (kvcomp's option, not the official code)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     with torch.no_grad():
@@ -45,24 +46,27 @@ def direct_tsp(model, ids: torch.Tensor, layer: int, rate: float, window: int = 
         w[..., -window:] += mask
         s = torch.softmax(w, dim=-1)[..., :-window].sum(dim=-2)
         pool1d = torch.nn.functional.max_pool1d if pool == "max" else torch.nn.functional.avg_pool1d
-        s = pool1d(s, kernel, padding=kernel // 2, stride=1).sum(dim=1)[0]
+        s = pool1d(s, kernel, padding=kernel // 2, stride=1)
+        hkv = attn.k_proj.out_features // d
+        s = s.sum(dim=1)[0] if heads == "sum" else s[0].view(hkv, -1, s.shape[-1]).sum(dim=1).max(dim=0).values
         top = s.topk((int(T * rate) if length is None else length) - window).indices
     return {int(i) for i in top} | set(range(T - window, T))
 
 
-@pytest.mark.parametrize(("pool", "tsp_len"), [("max", None), ("avg", None), ("max", 100)])
-def test_fastkv_stage_selection_is_fastkvs(tiny, pool: str, tsp_len: int | None) -> None:
+@pytest.mark.parametrize(("pool", "tsp_len", "heads"), [("max", None, "sum"), ("avg", None, "sum"), ("max", 100, "sum"),
+                                                        ("max", None, "max")])
+def test_fastkv_stage_selection_is_fastkvs(tiny, pool: str, tsp_len: int | None, heads: str) -> None:
     """The tokens the stage schedule carries past the TSP layer are exactly FastKV's selection computed directly
     on the whole prompt (no KV budget, fp32 store: the layers below see what the plain model does), with either
     pooling, by rate (proportional mode) or by count (constant mode, ``tsp_len``)."""
     model, _ = tiny
     ids = torch.randint(3, 250, (1, T), generator=torch.Generator().manual_seed(3))
-    comp = fastkv(tsp_rate=0.3, pool=pool, tsp_len=tsp_len)
+    comp = fastkv(tsp_rate=0.3, pool=pool, tsp_len=tsp_len, heads=heads)
     with comp.session(model) as s:
         s.prefill(ids)
     tsp = 1  # L // 2 - 1 of 4 layers (FastKV's 15 of 32)
     kept = {int(p) for p in s.cache.layers[tsp + 1].held_positions()}
-    assert kept == direct_tsp(model, ids, tsp, 0.3, pool=pool, length=tsp_len)
+    assert kept == direct_tsp(model, ids, tsp, 0.3, pool=pool, length=tsp_len, heads=heads)
     assert len(kept) == (int(0.3 * T) if tsp_len is None else tsp_len)
     assert s.cache.layers[tsp].held() == T  # the TSP layer itself computes every token
     assert comp.settings()["propagation_schedule"] == "stage"

@@ -94,15 +94,18 @@ def prompt_end(run: Any, scoring: Any, policy: Precision) -> dict[int, int]:
 def budget_end(run: Any, scoring: Any, policy: Precision) -> dict[int, int]:
     """``precision.budget_at: end``: each layer keeps its top ``policy.end_keep`` held tokens (``keep_ratio`` /
     ``keep_tokens`` of what it holds, or of the prompt with ``keep_of: prompt``) by the scorer's score with the
-    prompt end's queries, those queries' own tokens and the sinks included; the rest are dropped. Returns tokens
-    dropped per layer."""
+    prompt end's queries, those queries' own tokens (the held tokens at the queries' positions, whatever the
+    storage order; an appended question's queries have none) and the sinks included; the rest are dropped.
+    Returns tokens dropped per layer."""
     scores, positions, _ = end_scores(run, scoring, lambda i: i)
     dropped = {}
     for i, s in scores.items():
-        n, w = s.numel(), scoring.last_queries[i][0].shape[2]
+        n = s.numel()
+        held = positions[i].to(s.device).long()
+        q_pos = scoring.last_queries[i][2].to(s.device).long()
         s = s.clone()
-        s[n - min(n, w) :] = float("inf")  # the observation window itself stays (SnapKV, FastKV), and the sinks
-        s[positions[i].to(s.device) < policy.protect_sinks] = float("inf")
+        s[torch.isin(held, q_pos)] = float("inf")  # the observation window stays (SnapKV, FastKV), and the sinks
+        s[held < policy.protect_sinks] = float("inf")
         bits = torch.zeros(n, dtype=torch.int64, device=s.device)
         bits[torch.topk(s, policy.end_keep(n, run.prompt_len)).indices] = -1
         dropped[i] = demote(run.cache.layers[i], bits)

@@ -8,8 +8,10 @@ With ``schedule: stage`` (default) the selection is the official code's, made on
 ``tsp_layer``: the last ``window`` (8) queries of the prompt at that layer attend (softmax, causal in the
 window) over every token's keys; each token's score is that attention summed over the window's queries,
 pooled (``pool``: max, the official scripts' default, or avg) over ``kernel`` (7) neighbours, summed over all
-query heads (GQA groups and KV heads); the top ``int(tsp_rate * T) - window`` tokens (``tsp_len - window``
-with ``tsp_len``, FastKV's constant mode; a prompt of at most ``tsp_len`` tokens carries every token) before
+query heads (GQA groups and KV heads; ``heads: max``, not the official code, takes the largest KV head's group
+sum instead, so a token one KV head needs is carried even when the others ignore it); the top
+``int(tsp_rate * T) - window`` tokens (``tsp_len - window`` with ``tsp_len``, FastKV's constant mode; a prompt of
+at most ``tsp_len`` tokens carries every token) before
 the window go on with the window itself (FastKV's ``update_kv`` at its TSP layer). The per-layer KV budget is
 the precision policy's, as for any method. ``schedule: chunk`` (ablation): the base class's per-forward
 selection by the scorer's scores.
@@ -28,10 +30,11 @@ from kvcomp.propagator.base import Propagator
 from kvcomp.registry import PROPAGATORS
 
 
-def tsp_scores(keys: torch.Tensor, queries: torch.Tensor, scaling: float, kernel: int, pool: str = "avg"
-               ) -> torch.Tensor:
+def tsp_scores(keys: torch.Tensor, queries: torch.Tensor, scaling: float, kernel: int, pool: str = "avg",
+               heads: str = "sum") -> torch.Tensor:
     """FastKV's TSP score ``[N - W]`` of the tokens before the window: ``queries`` ``[1, H_q, W, D]`` are the
-    last W of the N tokens whose keys are ``keys`` ``[1, H_kv, N, D]`` (post-RoPE)."""
+    last W of the N tokens whose keys are ``keys`` ``[1, H_kv, N, D]`` (post-RoPE). ``heads``: ``sum`` over every
+    query head (FastKV's) or ``max`` over the KV heads of each one's query-group sum."""
     hq, hkv, w, n = queries.shape[1], keys.shape[1], queries.shape[2], keys.shape[2]
     k = keys.float().repeat_interleave(hq // hkv, dim=1)
     logits = torch.matmul(queries.float(), k.transpose(-1, -2)) * scaling  # [1, Hq, W, N]
@@ -40,6 +43,8 @@ def tsp_scores(keys: torch.Tensor, queries: torch.Tensor, scaling: float, kernel
     attn = torch.softmax(logits, dim=-1)[..., : n - w].sum(dim=2)  # [1, Hq, N - W]
     pool1d = torch.nn.functional.max_pool1d if pool == "max" else torch.nn.functional.avg_pool1d
     pooled = pool1d(attn, kernel, stride=1, padding=kernel // 2)
+    if heads == "max":
+        return pooled[0].reshape(hkv, hq // hkv, n - w).sum(dim=1).max(dim=0).values
     return pooled.sum(dim=1)[0]
 
 
@@ -55,6 +60,7 @@ class FastKVTSP(Propagator):
     window: int = param(8, gt=0)
     kernel: int = param(7, ge=1, where=lambda k: k % 2 == 1, what="odd")
     pool: Literal["max", "avg"] = "max"
+    heads: Literal["sum", "max"] = "sum"
 
     def __post_init__(self) -> None:
         if self.tsp_len is not None and self.schedule != "stage":
@@ -79,7 +85,7 @@ class FastKVTSP(Propagator):
         if n <= target or n <= w:
             keep = torch.arange(n, device=pos.device)
             return keep, torch.zeros(n, device=pos.device)
-        s = tsp_scores(keys, queries[:, :, -w:], scaling, self.kernel, self.pool)
+        s = tsp_scores(keys, queries[:, :, -w:], scaling, self.kernel, self.pool, self.heads)
         top = s.topk(max(0, target - w)).indices
         keep = torch.cat([top, torch.arange(n - w, n, device=top.device)]).sort().values
         return keep, torch.zeros(keep.numel(), device=keep.device)
