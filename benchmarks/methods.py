@@ -296,7 +296,7 @@ def render(rows: dict[str, dict[str, Any]], a: argparse.Namespace, argv: list[st
             f"1 thread, 2 shared cores): {walls}; whole benchmark {wall_s / 60:.1f} min\n"
             + (f"- not run (out of time): {', '.join(skipped)}\n" if skipped else "") + "\n"
             + "\n".join(lines) + "\n\nPaired differences between rows (same samples):\n\n" + "\n".join(between)
-            + "\n\nGoals (issues 6 and 16):\n" + "\n".join(goals) + "\n")
+            + "\n\nGoals:\n" + "\n".join(goals) + "\n")
 
 
 if __name__ == "__main__":

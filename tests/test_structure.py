@@ -37,7 +37,7 @@ def test_architecture_diagram_matches_the_code() -> None:
 
 def test_no_work_item_numbers_in_the_tree() -> None:
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    pattern = re.compile(r"issue ?[0-9]|issue[_-][0-9]", re.I)
+    pattern = re.compile(r"issues? ?#?[0-9]|issue[_-][0-9]", re.I)
     hits = []
     for f in files:
         path = REPO / f
