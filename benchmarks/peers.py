@@ -83,7 +83,7 @@ def rows_for(ratios: list[float], h2o_keep: float | None = None) -> list[dict[st
         rows.append({"name": f"kvcomp h2o {label} normalize=mean", "system": "kvcomp", "env": "main",
                      "params": {"system": "kvcomp", "method": "h2o",
                                 "overrides": {"compressor.precision.keep_ratio": hk, "scorer.normalize": "mean"}}})
-    for m in ("kvquant_stream", "livekvquant"):
+    for m in ("int4", "kvquant_stream", "livekvquant"):  # fixed ratios: their bytes set the compression
         rows.append({"name": f"kvcomp {m}", "system": "kvcomp", "env": "main",
                      "params": {"system": "kvcomp", "method": m}})
     # question=end honestly timed: every token held at 4 bits while streaming, the end pass drops 30 %

@@ -71,6 +71,33 @@ def equal_bytes_verdicts(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) or "- no kvcomp row within 5 % of a kvpress row's kv_bytes"
 
 
+def fewer_bytes_verdicts(rows: list[dict[str, Any]]) -> str:
+    """Per length, every kvcomp row holding more than 5 % fewer kv_bytes than a group of presses at one ratio,
+    against the best-scoring press of that group: the paired score difference with its 95 % bootstrap interval
+    (a fixed-ratio method such as a 4-bit quantizer sets its own bytes, so it rarely lands at a press's)."""
+    from kvcomp.stats import paired
+
+    ok = [r for r in rows if "error" not in r and r.get("sample_scores")]
+    out = []
+    for length in sorted({r["length"] for r in ok}):
+        at = [r for r in ok if r["length"] == length]
+        groups: dict[float, list[dict[str, Any]]] = {}
+        for p in (r for r in at if r["system"].startswith("kvpress")):
+            groups.setdefault(round(p["kv_bytes"] / 2**20, 1), []).append(p)
+        for c in (r for r in at if r["system"] == "kvcomp"):
+            for mib, group in sorted(groups.items()):
+                p = max(group, key=lambda r: r["score"])
+                if c["kv_bytes"] >= 0.95 * p["kv_bytes"]:
+                    continue
+                ids = [i for i in c["sample_scores"] if i in p["sample_scores"]]
+                d = paired([c["sample_scores"][i] for i in ids], [p["sample_scores"][i] for i in ids], scale=100.0)
+                word = ("indistinguishable" if not d["significant"] else "better" if d["mean"] > 0 else "worse")
+                out.append(f"- {length}: {c['name']} ({c['kv_bytes'] / p['kv_bytes']:.2f}x the bytes) vs the best "
+                           f"press at {mib:g} MiB, {p['name']}: {d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}] "
+                           f"points (n={d['n']}): kvcomp {word}")
+    return "\n".join(out) or "- no kvcomp row holds more than 5 % fewer bytes than a kvpress row"
+
+
 def goals(rows: list[dict[str, Any]]) -> str:
     ok = [r for r in rows if "error" not in r]
     out = []
@@ -161,7 +188,9 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, head: str) -> None:
             "position ids (as kvpress's pipeline does), so evicting caches keep their RoPE positions.\n\n"
             + table(rows, COLS) + "\n\nSame-prompt check:\n" + identity_check(rows)
             + "\n\nEqual bytes, paired over the same samples (95 % bootstrap interval of the score difference):\n"
-            + equal_bytes_verdicts(rows) + "\n\nGoals (kvcomp vs the peers):\n" + goals(rows) + "\n"
+            + equal_bytes_verdicts(rows) + "\n\nFewer bytes, paired against the best press at each press's bytes "
+            "(95 % bootstrap interval):\n" + fewer_bytes_verdicts(rows)
+            + "\n\nGoals (kvcomp vs the peers):\n" + goals(rows) + "\n"
             + (f"\nFailed rows:\n{errors}\n" if errors else ""))
     (out_dir / "peers.md").write_text(text)
     with (out_dir / "peers.csv").open("w", newline="") as f:

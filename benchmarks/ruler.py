@@ -120,7 +120,7 @@ def ratio_plot(peers_dir: Path) -> Path:
 
     rows = [r for r in csv.DictReader((peers_dir / "peers.csv").open()) if not r.get("error")]
     lengths = sorted({int(r["length"]) for r in rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(9.5 * len(lengths), 4.5), squeeze=False)
     for ax, n in zip(axes[0], lengths):
         at = [r for r in rows if int(r["length"]) == n]
         full = next(r for r in at if r["system"] == "full")
@@ -136,7 +136,7 @@ def ratio_plot(peers_dir: Path) -> Path:
         ax.set_ylabel("RULER score (%)")
         ax.set_title(f"{n} tokens")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the panel, off the points
     fig.tight_layout()
     out = peers_dir / "ruler_ratio.png"
     fig.savefig(out, dpi=100)

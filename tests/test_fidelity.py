@@ -160,7 +160,9 @@ def test_peers_report_states_each_equal_bytes_pair_with_its_interval(tmp_path: P
     assert "| 33.3 ± 16.0 (30) |" in text
     assert "kvcomp a − kvpress SnapKV 0.5 = -50.0 [" in text and "kvcomp worse" in text
     assert "kvcomp b − kvpress SnapKV 0.5 = -3.3 [" in text and "kvcomp indistinguishable" in text
-    assert "kvcomp c −" not in text  # not at equal bytes
+    assert "kvcomp c −" not in text  # not at equal bytes, but at half the bytes against the best press there:
+    assert "kvcomp c (0.50x the bytes) vs the best press at 190.7 MiB, kvpress SnapKV 0.5: +16.7 [" in text
+    assert "kvcomp a (" not in text and "kvcomp b (" not in text  # equal bytes are not fewer bytes
 
 
 def test_fidelity_objective_without_fidelity_fails_before_the_model_loads() -> None:

@@ -21,7 +21,7 @@ def test_peers_smoke(tmp_path) -> None:
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "peers.csv").open()))
-    assert len(rows) == 19, [r["name"] for r in rows]  # rows_for([0.5]): 16 before the three h2o rows
+    assert len(rows) == 20, [r["name"] for r in rows]  # rows_for([0.5]): 16, the three h2o rows, kvcomp int4
     assert not [(r["name"], r["error"]) for r in rows if r["error"]]
     assert {r["system"] for r in rows} == {"full", "kvpress", "kvpress+quant", "hf-quantized", "kvcomp"}
     full = {r["env"]: r for r in rows if r["system"] == "full"}
