@@ -149,27 +149,50 @@ inline float exp_neg(float x) {
   return p * scale;
 }
 
-// the threads' partial states (max, sum, accumulator of each query head; ``nch`` per batch row) merged into the
-// running state in place
-void merge_parts(const float* part, int64_t B, int64_t nch, int64_t HG, int64_t D, float* M, float* L, float* A) {
-  const int64_t S = HG * (D + 2);
-  for (int64_t task = 0; task < B * nch; ++task) {
-    const int64_t bi = task / nch;
-    const float* mm = part + task * S;
-    const float* ll = mm + HG;
-    const float* ac = ll + HG;
-    for (int64_t i = 0; i < HG; ++i) {
-      const int64_t o = bi * HG + i;
-      if (ll[i] == 0.f) continue;
-      const float nm = std::max(M[o], mm[i]);
-      const float fa = std::exp(M[o] - nm), fb = std::exp(mm[i] - nm);
-      L[o] = L[o] * fa + ll[i] * fb;
-      float* a = A + o * D;
-      for (int64_t d = 0; d < D; ++d) a[d] = a[d] * fa + ac[i * D + d] * fb;
-      M[o] = nm;
+// flash-decoding split shared by both decode kernels: each batch row's n tokens in ``nch`` ranges (one per thread,
+// at least 256 tokens each); a task = (batch row, range) keeps its own partial state per query head (max, sum,
+// accumulator of D), merged into the running state at the end
+struct Parts {
+  int64_t B, n, HG, D, nch, per, S;
+  std::vector<float> part;
+  Parts(int64_t B_, int64_t n_, int64_t HG_, int64_t D_) : B(B_), n(n_), HG(HG_), D(D_) {
+    const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+    nch = std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 256));
+    per = (n + nch - 1) / nch;
+    S = HG * (D + 2);
+    part.resize(B * nch * S);
+  }
+  int64_t tasks() const { return B * nch; }
+  // the task's batch row and token range [a0, a1), and its state reset (max -inf, sum 0, accumulator 0)
+  float* start(int64_t task, int64_t& bi, int64_t& a0, int64_t& a1) {
+    bi = task / nch;
+    a0 = (task % nch) * per;
+    a1 = std::min(n, a0 + per);
+    float* mm = part.data() + task * S;
+    for (int64_t i = 0; i < HG; ++i) { mm[i] = -INFINITY; mm[HG + i] = 0.f; }
+    std::fill(mm + 2 * HG, mm + S, 0.f);
+    return mm;
+  }
+  // every task's state merged into the running state M [B*HG], L [B*HG], A [B*HG, D] in place
+  void merge(float* M, float* L, float* A) const {
+    for (int64_t task = 0; task < B * nch; ++task) {
+      const int64_t bi = task / nch;
+      const float* mm = part.data() + task * S;
+      const float* ll = mm + HG;
+      const float* ac = ll + HG;
+      for (int64_t i = 0; i < HG; ++i) {
+        const int64_t o = bi * HG + i;
+        if (ll[i] == 0.f) continue;
+        const float nm = std::max(M[o], mm[i]);
+        const float fa = std::exp(M[o] - nm), fb = std::exp(mm[i] - nm);
+        L[o] = L[o] * fa + ll[i] * fb;
+        float* a = A + o * D;
+        for (int64_t d = 0; d < D; ++d) a[d] = a[d] * fa + ac[i * D + d] * fb;
+        M[o] = nm;
+      }
     }
   }
-}
+};
 
 }  // namespace
 
@@ -185,22 +208,15 @@ void decode_partial_generic(torch::Tensor q, torch::Tensor kmeta, torch::Tensor 
   const int32_t* ps_ = pos.numel() ? pos.data_ptr<int32_t>() : nullptr;  // table row of token j (null: row j)
   const int64_t RD = cos.numel() ? cos.size(1) : D;
   const int64_t off = RD == D / 2 ? 0 : D / 2;  // a half table (both halves equal): one row serves both halves
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 256));
-  const int64_t per = (n + nch - 1) / nch;
-  const int64_t S = HG * (D + 2);
-  std::vector<float> part(B * nch * S);
-  at::parallel_for(0, B * nch, 1, [&](int64_t begin, int64_t end) {
+  Parts parts(B, n, HG, D);
+  at::parallel_for(0, parts.tasks(), 1, [&](int64_t begin, int64_t end) {
     Dec kd(kmeta.data_ptr<int64_t>()), vd(vmeta.data_ptr<int64_t>());
     std::vector<float> krow(Hk * D), kr(D), vrow(Hk * D), s(TB * HG);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bi = task / nch, c = task % nch;
-      const int64_t a0 = c * per, a1 = std::min(n, a0 + per);
-      float* mm = part.data() + task * S;
+      int64_t bi, a0, a1;
+      float* mm = parts.start(task, bi, a0, a1);
       float* ll = mm + HG;
       float* ac = ll + HG;
-      for (int64_t i = 0; i < HG; ++i) { mm[i] = -INFINITY; ll[i] = 0.f; }
-      std::fill(ac, ac + HG * D, 0.f);
       const float* qb = qp + bi * HG * D;
       for (int64_t j0 = a0; j0 < a1; j0 += TB) {
         const int64_t nb = std::min(TB, a1 - j0);
@@ -266,6 +282,6 @@ void decode_partial_generic(torch::Tensor q, torch::Tensor kmeta, torch::Tensor 
       }
     }
   });
-  merge_parts(part.data(), B, nch, HG, D, m.data_ptr<float>(), l.data_ptr<float>(), acc.data_ptr<float>());
+  parts.merge(m.data_ptr<float>(), l.data_ptr<float>(), acc.data_ptr<float>());
 }
 """

@@ -27,22 +27,15 @@ void decode_fast(const float* qp, const int64_t* kmeta, const int64_t* vmeta, in
   constexpr int64_t D = NC * 16, NH = NC / 2;
   const int64_t HG = Hk * G;
   const int64_t off = RD == D / 2 ? 0 : D / 2;
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 256));
-  const int64_t per = (n + nch - 1) / nch;
-  const int64_t S = HG * (D + 2);
-  std::vector<float> part(B * nch * S);
-  at::parallel_for(0, B * nch, 1, [&](int64_t begin, int64_t end) {
+  Parts parts(B, n, HG, D);
+  at::parallel_for(0, parts.tasks(), 1, [&](int64_t begin, int64_t end) {
     Src kd(kmeta, Hk, D), vd(vmeta, Hk, D);
     std::vector<float> sv(HG * FT);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bi = task / nch, c0 = task % nch;
-      const int64_t a0 = c0 * per, a1 = std::min(n, a0 + per);
-      float* mm = part.data() + task * S;
+      int64_t bi, a0, a1;
+      float* mm = parts.start(task, bi, a0, a1);
       float* ll = mm + HG;
       float* ac = ll + HG;
-      for (int64_t i = 0; i < HG; ++i) { mm[i] = -INFINITY; ll[i] = 0.f; }
-      std::fill(ac, ac + HG * D, 0.f);
       const float* qb = qp + bi * HG * D;
       float* sc = sv.data();
       kd.tend = vd.tend = t0 + a1;
@@ -113,7 +106,7 @@ void decode_fast(const float* qp, const int64_t* kmeta, const int64_t* vmeta, in
       }
     }
   });
-  merge_parts(part.data(), B, nch, HG, D, M, L, A);
+  parts.merge(M, L, A);
 }
 
 }  // namespace
