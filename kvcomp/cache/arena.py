@@ -95,9 +95,19 @@ class Arena:
     def __init__(self) -> None:
         self.slots: list[Slot] = []
         self.open: dict[tuple, Slot] = {}  # (K layout, V layout) -> the slot appends of that layout go to
+        #: bumped by every change of the stored segments (append, replace, select_rows; a rewrite builds a new
+        #: arena): what readers derived from ``segments()`` is valid while it stays
+        self.version = 0
+        #: (version, the decode kernel's plan of ``segments()`` at that version), or None (``kernels/decode.py``)
+        self.plan: tuple[int, Any] | None = None
+
+    def _changed(self) -> None:
+        self.version += 1
+        self.plan = None
 
     def append(self, k: Any, v: Any, pos: torch.Tensor) -> None:
         """Store K/V blocks ``[B, H, m, D]`` of ``m`` tokens at ``pos``: into their layout's arenas, or as a page."""
+        self._changed()
         key = (arena_key(k), arena_key(v))
         if key[0] is None or key[1] is None:
             self.slots.append(Slot(page=(k, v, pos)))
@@ -116,6 +126,7 @@ class Arena:
 
     def replace(self, i: int, k: Any, v: Any) -> None:
         """Slot ``i``'s tokens re-stored as the blocks ``k``/``v`` (same tokens, same order): a page."""
+        self._changed()
         pos = self.slots[i].segment()[2]
         self.open = {key: s for key, s in self.open.items() if s is not self.slots[i]}
         self.slots[i] = Slot(page=(k, v, pos))
@@ -123,5 +134,6 @@ class Arena:
     def select_rows(self, rows: torch.Tensor) -> None:
         """Batch row ``i`` becomes old row ``rows[i]``: every slot becomes a page of shared rows (``Rows``, no copy);
         later tokens (of the new batch) open new arenas."""
+        self._changed()
         self.slots = [Slot(page=(Rows.of(k, rows), Rows.of(v, rows), pos)) for k, v, pos in self.segments()]
         self.open = {}
