@@ -4,10 +4,10 @@
 
 A layer (3 KV heads, D = 64, 512-token blocks of random data through the real quantizers,
 ``kvcomp.cache.selfcheck.build_layer``) is attended by one decode query of 9 heads
-three ways: ``kvcomp.kernels.decode.decode_attention_cpu`` (one kernel call per segment), ``decode_layer_cpu`` (one
-call per layer, with its Python: plan kept on the store, tail, table) and the layer call alone (``decode_layer``
-with its arguments built beforehand: the kernel's own time); the full cache is ``scaled_dot_product_attention`` over fp32
-K/V with the KV heads repeated, as the model's sdpa path does. Torch at 1 thread; the clock is this thread's
+three ways: ``kvcomp.kernels.decode.decode_attention_cpu`` (one kernel call per segment), ``decode_layer_cpu``
+(one call per layer, with its Python: plan kept on the store, tail, table) and the layer call alone
+(``decode_layer`` with its arguments built beforehand: the kernel's own time); the full cache is
+``scaled_dot_product_attention`` over fp32 K/V with the KV heads repeated, as the model's sdpa path does. Torch at 1 thread; the clock is this thread's
 CPU time (robust to other jobs on a shared machine), min of ``--repeats``. ``--cold``: a 256 MiB buffer is written
 before every timed call (not timed), so the call reads its layer from memory as inside the model, where the
 weights of the other layers pass through the caches between two calls; the median is printed. One line per row.
@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     how = "cold, median" if a.cold else "min"
     g = torch.Generator().manual_seed(0)
     q, nk = torch.randn(1, 9, 1, 64, generator=g), torch.randn(1, 3, 1, 64, generator=g)
+    top = a.tokens + 1
     for name, cfg in ROWS.items():
         layer = build_layer(cfg, b=1, hkv=3, d=64, t=a.tokens, chunk=512, decode=0)
         hist = layer.history()
-        top = a.tokens + 1
         ms = cpu_ms(lambda h=hist, r=layer.rope: decode_attention_cpu(q, h, nk, nk, 0.125, r, top=top), a.repeats,
                     flush)
         print(f"{name}: decode kernel {ms:.2f} ms per layer-step, one call per segment ({len(hist.k_blocks)} "
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
               f"({a.tokens} tokens, 1 thread, CPU time, {how})")
         plan, table = layer_plan(hist, layer.rope, (1, 3, 64)), half_table(layer.rope, top)
         args = (q.reshape(1, 3, 3, 64), 0.125, plan.kmeta, plan.vmeta, plan.seg, [nk, nk, NO_POS], *table)
-        ms = cpu_ms(lambda: cpu.ops().decode_layer(*args), a.repeats, flush)
+        ms = cpu_ms(lambda x=args: cpu.ops().decode_layer(*x), a.repeats, flush)
         print(f"{name}: decode kernel {ms:.2f} ms per layer-step, the layer call alone ({a.tokens} tokens, "
               f"1 thread, CPU time, {how})")
     k, v = torch.randn(1, 9, a.tokens, 64), torch.randn(1, 9, a.tokens, 64)

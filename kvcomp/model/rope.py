@@ -134,8 +134,11 @@ class Rope:
         if last is not None and last[0] is x and last[1].shape == positions.shape and torch.equal(last[1], positions):
             return last[2]
         cos, sin = self.cos_sin(positions)
-        norm = cos * cos + sin * sin
-        out = self.rotate(x, cos / norm, -sin / norm)
+        inv = self.__dict__.get("_inverse")  # the inverse rotation of the last (cos, sin): every layer of a step
+        if inv is None or inv[0] is not cos or inv[1] is not sin:
+            norm = cos * cos + sin * sin
+            inv = self.__dict__["_inverse"] = (cos, sin, cos / norm, -sin / norm)
+        out = self.rotate(x, inv[2], inv[3])
         self.__dict__["_last_invert"] = (x, positions, out)
         return out
 
