@@ -3,14 +3,14 @@
     python -m benchmarks.decode_kernel [--tokens 8192] [--repeats 10] [--cold]
 
 A layer (3 KV heads, D = 64, 512-token blocks of random data through the real quantizers,
-``kvcomp.cache.selfcheck.build_layer``) is attended by one decode query of 9 heads
-three ways: ``kvcomp.kernels.decode.decode_attention_cpu`` (one kernel call per segment), ``decode_layer_cpu``
-(one call per layer, with its Python: plan kept on the store, tail, table) and the layer call alone
-(``decode_layer`` with its arguments built beforehand: the kernel's own time); the full cache is
-``scaled_dot_product_attention`` over fp32 K/V with the KV heads repeated, as the model's sdpa path does. Torch at
-1 thread; the clock is this thread's CPU time (robust to other jobs on a shared machine), min of ``--repeats``. ``--cold``: a 256 MiB buffer is written
-before every timed call (not timed), so the call reads its layer from memory as inside the model, where the
-weights of the other layers pass through the caches between two calls; the median is printed. One line per row.
+``kvcomp.cache.selfcheck.build_layer``) is attended by one decode query of 9 heads three ways:
+``kvcomp.kernels.decode.decode_attention_cpu`` (one kernel call per segment), ``decode_layer_cpu`` (one call per
+layer, with its Python: plan kept on the store, tail, table) and the layer call alone (``decode_layer`` with its
+arguments built beforehand: the kernel's own time); the full cache is ``scaled_dot_product_attention`` over fp32 K/V
+with the KV heads repeated, as the model's sdpa path does. Torch at 1 thread; the clock is this thread's CPU time
+(robust to other jobs on a shared machine), min of ``--repeats``. ``--cold``: a 256 MiB buffer is written before
+every timed call (not timed), so the call reads its layer from memory as inside the model, where the weights of the
+other layers pass through the caches between two calls; the median is printed. One line per row.
 """
 
 from __future__ import annotations
