@@ -114,7 +114,9 @@ class Rope:
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The model's RoPE of ``x`` [B, H, T, D] with cos/sin [T, rotary_dim]; fp32."""
         x = x.float()
-        if self.fn is None:
+        # the plain rotation once ``split_half`` found the model's to be it (the same ops on the same operands:
+        # the same bits), without the model function's unused query half
+        if self.fn is None or self.__dict__.get(("_split_half", x.shape[-1])):
             return rotate(x, cos, sin)
         r = cos.shape[-1]
         if self.split_outside and r < x.shape[-1]:
