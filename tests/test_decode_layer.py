@@ -41,6 +41,15 @@ def test_layer_kernel_equals_the_oracle_and_the_per_segment_kernel(case: str, b:
     _close(got, decode_attention_cpu(q, layer.history(), k, v, d**-0.5, layer.rope), case)
 
 
+@pytest.mark.parametrize("case", ["uniform4", "uniform3", "kvquant_stream", "livekvquant4"])
+def test_layer_kernel_generic_head_dim_equals_the_oracle(case: str) -> None:
+    """A head dim the vectorised kernel does not take (48): the entry runs the generic kernel per segment."""
+    layer = build_layer(CASES[case], b=2, hkv=2, d=48, t=300, chunk=64, start=50)
+    q, k, v = _step(2, 48)
+    got = decode_layer_cpu(q, layer.history(), k, v, 48**-0.5, layer.rope)
+    _close(got, materialized_attention(layer, q, k, v, torch.arange(layer.seen, layer.seen + 1), 48**-0.5), case)
+
+
 @pytest.mark.parametrize("case", ["uniform4", "kvquant_stream", "livekvquant4", "livekvquant2", "kivi2"])
 @pytest.mark.parametrize("b", [1, 2])
 def test_layer_kernel_over_two_threads_equals_the_oracle(case: str, b: int) -> None:
