@@ -1,4 +1,7 @@
-"""One decode step's attention on the CPU straight from the packed codes (``cpu_src.py`` ``decode_partial``).
+"""One decode step's attention on the CPU straight from the packed codes: ``decode_layer_cpu`` (one kernel call
+per layer-step, ``cpu_layer_src.py`` ``decode_layer``; what the layer runs) and ``decode_attention_cpu`` (one call
+per segment, ``cpu_src.py`` ``decode_partial`` / ``decode_partial_generic``; the per-segment path the tests hold
+the layer entry to).
 
 For one query step ``q`` ``[B, Hq, 1, D]`` over a layer's history (``chunk.History``) and this step's own
 post-RoPE ``new_k``/``new_v`` ``[B, Hkv, 1, D]``::
@@ -10,7 +13,9 @@ rows); the kernel decodes K rows in registers, re-applies RoPE at the stored pos
 rope's table), scores the ``G`` query heads of each KV head, and folds V rows into an online softmax, the
 block's tokens split over the threads (flash-decoding), the partial states merged in place. A block the kernel
 cannot read (sparse outliers, shared beam rows, another storage type) is first written as a float32 tile by
-its own ``tile_into`` and read as a dense source. Returns (out ``[B, Hq, 1, D]``, lse ``[B, Hq, 1]``), or None
+its own ``tile_into`` and read as a dense source. The layer entry reads the stored segments through a plan
+(``LayerPlan``: their meta rows stacked, kept on the store while its ``version`` stays) and the residual and
+this step's K/V as a full-precision tail. Returns (out ``[B, Hq, 1, D]``, lse ``[B, Hq, 1]``), or None
 where the kernels are off or the model's RoPE is not the split-half rotation (the tiled path runs instead).
 """
 
@@ -119,7 +124,7 @@ class _Unreadable(Exception):
 def layer_plan(history: Any, rope: Any, shape: tuple[int, int, int]) -> LayerPlan:
     """``_plan`` of ``history``, taken from its store when the store has not changed since the history was taken
     (``store.version``), else built (and left on the store for the next step when it can be kept)."""
-    store = getattr(history, "store", None)
+    store = history.store
     hit = None if store is None else store.plan
     if hit is not None and hit[0] == history.version:
         return hit[1]
