@@ -95,33 +95,48 @@ class Arena:
     def __init__(self) -> None:
         self.slots: list[Slot] = []
         self.open: dict[tuple, Slot] = {}  # (K layout, V layout) -> the slot appends of that layout go to
+        #: bumped at the end of every change of the stored segments (append, replace, select_rows; a rewrite builds
+        #: a new arena): what readers derived from ``segments()`` is valid while it stays
+        self.version = 0
+        #: (version, the decode kernel's plan of ``segments()`` at that version), or None (``kernels/decode.py``)
+        self.plan: tuple[int, Any] | None = None
+        self._segments: list[Segment3] | None = None  # ``segments()`` at this version
+
+    def _changed(self) -> None:
+        self.version += 1
+        self.plan = self._segments = None
 
     def append(self, k: Any, v: Any, pos: torch.Tensor) -> None:
         """Store K/V blocks ``[B, H, m, D]`` of ``m`` tokens at ``pos``: into their layout's arenas, or as a page."""
         key = (arena_key(k), arena_key(v))
         if key[0] is None or key[1] is None:
             self.slots.append(Slot(page=(k, v, pos)))
-            return
-        slot = self.open.get(key)
-        if slot is None:
-            slot = self.open[key] = Slot(k=k, v=v)
-            self.slots.append(slot)
-        slot.append(k, v, pos.to(torch.int32))
+        else:
+            slot = self.open.get(key)
+            if slot is None:
+                slot = self.open[key] = Slot(k=k, v=v)
+                self.slots.append(slot)
+            slot.append(k, v, pos.to(torch.int32))
+        self._changed()
 
     def segments(self) -> list[Segment3]:
-        return [s.segment() for s in self.slots]
+        if self._segments is None:
+            self._segments = [s.segment() for s in self.slots]
+        return list(self._segments)
 
     def held(self) -> int:
-        return sum(int(s.segment()[2].numel()) for s in self.slots)
+        return sum(int(p.numel()) for _, _, p in self.segments())
 
     def replace(self, i: int, k: Any, v: Any) -> None:
         """Slot ``i``'s tokens re-stored as the blocks ``k``/``v`` (same tokens, same order): a page."""
         pos = self.slots[i].segment()[2]
         self.open = {key: s for key, s in self.open.items() if s is not self.slots[i]}
         self.slots[i] = Slot(page=(k, v, pos))
+        self._changed()
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Batch row ``i`` becomes old row ``rows[i]``: every slot becomes a page of shared rows (``Rows``, no copy);
         later tokens (of the new batch) open new arenas."""
         self.slots = [Slot(page=(Rows.of(k, rows), Rows.of(v, rows), pos)) for k, v, pos in self.segments()]
         self.open = {}
+        self._changed()

@@ -30,9 +30,10 @@ _CHECKED_CHUNK: dict[str, bool] = {}  # prefill-chunk path, per device
 
 
 def _wanted(query: torch.Tensor, opt_in: str) -> bool:
-    if not triton_decode.available():
+    # the query's device first: a CPU decode step asks this per layer, and ``available`` asks CUDA
+    if not (query.is_cuda or (triton_decode.interpreting() and os.environ.get(opt_in) == "1")):
         return False
-    return query.is_cuda or (triton_decode.interpreting() and os.environ.get(opt_in) == "1")
+    return triton_decode.available()
 
 
 def _first_use(done: dict[str, bool], query: torch.Tensor, what: str, err: Callable[[str], float]) -> bool:

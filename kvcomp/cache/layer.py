@@ -23,7 +23,7 @@ from kvcomp.cache.arena import Arena
 from kvcomp.cache.oracle import materialize, materialized_attention
 from kvcomp.cache.storage import Stored
 from kvcomp.kernels.chunk import History, chunk_attention, scope
-from kvcomp.kernels.decode import decode_attention_cpu
+from kvcomp.kernels.decode import decode_layer_cpu
 from kvcomp.model.rope import Rope
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class CompressedLayer(CacheLayerMixin):
         """What this layer holds now, as a view that later stores leave unchanged."""
         segs = self.arena.segments()
         return History([k for k, _, _ in segs], [v for _, v, _ in segs], [p for _, _, p in segs], self.res_k,
-                       self.res_v, self.res_pos)
+                       self.res_v, self.res_pos, self.arena, self.arena.version)
 
     def attend(self, query: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, scale: float,
                impl: str = "tiled", window: int | None = None, softcap: float | None = None) -> torch.Tensor:
@@ -143,7 +143,7 @@ class CompressedLayer(CacheLayerMixin):
         else:
             # stored positions all precede this step's own: the rope table need reach no further
             top = int(positions.max()) + 1 if q_len == 1 and positions.numel() else None
-            fast = (decode_attention_cpu(query, hist, key_states, value_states, scale, self.rope, top=top)
+            fast = (decode_layer_cpu(query, hist, key_states, value_states, scale, self.rope, top=top)
                     if q_len == 1 else None)
             out, lse = fast if fast is not None else chunk_attention(query, hist, key_states, value_states, scale,
                                                                      self.rope)

@@ -67,6 +67,10 @@ class History:
     res_k: torch.Tensor | None
     res_v: torch.Tensor | None
     res_pos: torch.Tensor | None
+    #: the store the stored segments came from (duck-typed: ``version``, ``plan``) and its version then: a decode
+    #: kernel's plan of these segments is kept on the store while its version stays (``decode.layer_plan``)
+    store: Any = None
+    version: int = -1
 
     def segments(self) -> list[tuple[Any, Any, torch.Tensor]]:
         segs = list(zip(self.k_blocks, self.v_blocks, self.pos_blocks, strict=True))

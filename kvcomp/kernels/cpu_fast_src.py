@@ -20,13 +20,90 @@ namespace {
 """ + ROWS_SOURCE + r"""
 
 
+// tokens [a0, a1) of one block pair (sources kd / vd, batch row bi, ``n`` tokens, positions ``ps_`` or row j, no
+// rotation where ``cs`` is null) folded into one task's running state (mm / ll / ac of its HG query heads); ``sc``:
+// HG * FT floats
+template <int NC>
+void fold_range(Src& kd, Src& vd, int64_t bi, const float* qb, int64_t Hk, int64_t G, int64_t t0, int64_t a0,
+                int64_t a1, int64_t n, const int32_t* ps_, const float* cs, const float* sn, int64_t RD, float* sc,
+                float* mm, float* ll, float* ac) {
+  constexpr int64_t D = NC * 16, NH = NC / 2;
+  const int64_t HG = Hk * G;
+  const int64_t off = RD == D / 2 ? 0 : D / 2;
+  kd.tend = vd.tend = t0 + a1;
+  for (int64_t j0 = a0; j0 < a1; j0 += FT) {
+    const int64_t nb = std::min(FT, a1 - j0);
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      const int64_t t = t0 + j0 + jj;
+      const int64_t r = ps_ ? (int64_t)ps_[t] : j0 + jj;
+      if (cs && j0 + jj + PF < n) {  // the rope rows PF tokens ahead
+        const int64_t ra = ps_ ? (int64_t)ps_[t + PF] : j0 + jj + PF;
+        _mm_prefetch(reinterpret_cast<const char*>(cs + ra * RD), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(sn + ra * RD), _MM_HINT_T0);
+      }
+      for (int64_t h = 0; h < Hk; ++h) {
+        __m512 k[NC];
+        kd.template load<NC>(bi, h, t, k);
+        if (cs) {
+          const float* c = cs + r * RD;
+          const float* si = sn + r * RD;
+          for (int cc = 0; cc < NH; ++cc) {
+            const __m512 lo = k[cc], hi = k[cc + NH];
+            k[cc] = _mm512_fnmadd_ps(hi, _mm512_loadu_ps(si + 16 * cc),
+                                     _mm512_mul_ps(lo, _mm512_loadu_ps(c + 16 * cc)));
+            k[cc + NH] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(si + off + 16 * cc),
+                                         _mm512_mul_ps(hi, _mm512_loadu_ps(c + off + 16 * cc)));
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qq = qb + (h * G + g) * D;
+          __m512 a = _mm512_mul_ps(k[0], _mm512_loadu_ps(qq));
+          for (int cc = 1; cc < NC; ++cc) a = _mm512_fmadd_ps(k[cc], _mm512_loadu_ps(qq + 16 * cc), a);
+          sc[(h * G + g) * FT + jj] = _mm512_reduce_add_ps(a);
+        }
+      }
+    }
+    for (int64_t i = 0; i < HG; ++i) {
+      float* si = sc + i * FT;
+      float bm = mm[i];
+      for (int64_t jj = 0; jj < nb; ++jj) bm = std::max(bm, si[jj]);
+      if (bm > mm[i]) {
+        const float f = mm[i] == -INFINITY ? 0.f : std::exp(mm[i] - bm);
+        ll[i] *= f;
+        float* a = ac + i * D;
+        for (int64_t d = 0; d < D; ++d) a[d] *= f;
+        mm[i] = bm;
+      }
+      const float mx = mm[i];
+#pragma omp simd
+      for (int64_t jj = 0; jj < FT; ++jj) si[jj] = exp_neg(si[jj] - mx);
+      float sum = 0.f;
+      for (int64_t jj = 0; jj < nb; ++jj) sum += si[jj];
+      ll[i] += sum;
+    }
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      const int64_t t = t0 + j0 + jj;
+      for (int64_t h = 0; h < Hk; ++h) {
+        __m512 v[NC];
+        vd.template load<NC>(bi, h, t, v);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t i = h * G + g;
+          const __m512 p = _mm512_set1_ps(sc[i * FT + jj]);
+          float* a = ac + i * D;
+          for (int cc = 0; cc < NC; ++cc)
+            _mm512_storeu_ps(a + 16 * cc, _mm512_fmadd_ps(p, v[cc], _mm512_loadu_ps(a + 16 * cc)));
+        }
+      }
+    }
+  }
+}
+
 template <int NC>
 void decode_fast(const float* qp, const int64_t* kmeta, const int64_t* vmeta, int64_t B, int64_t Hk, int64_t G,
                  int64_t t0, int64_t n, const int32_t* ps_, const float* cs, const float* sn, int64_t RD,
                  float* M, float* L, float* A) {
-  constexpr int64_t D = NC * 16, NH = NC / 2;
+  constexpr int64_t D = NC * 16;
   const int64_t HG = Hk * G;
-  const int64_t off = RD == D / 2 ? 0 : D / 2;
   Parts parts(B, n, HG, D);
   at::parallel_for(0, parts.tasks(), 1, [&](int64_t begin, int64_t end) {
     Src kd(kmeta, Hk, D), vd(vmeta, Hk, D);
@@ -34,76 +111,8 @@ void decode_fast(const float* qp, const int64_t* kmeta, const int64_t* vmeta, in
     for (int64_t task = begin; task < end; ++task) {
       int64_t bi, a0, a1;
       float* mm = parts.start(task, bi, a0, a1);
-      float* ll = mm + HG;
-      float* ac = ll + HG;
-      const float* qb = qp + bi * HG * D;
-      float* sc = sv.data();
-      kd.tend = vd.tend = t0 + a1;
-      for (int64_t j0 = a0; j0 < a1; j0 += FT) {
-        const int64_t nb = std::min(FT, a1 - j0);
-        for (int64_t jj = 0; jj < nb; ++jj) {
-          const int64_t t = t0 + j0 + jj;
-          const int64_t r = ps_ ? (int64_t)ps_[t] : j0 + jj;
-          if (cs && j0 + jj + PF < n) {  // the rope rows PF tokens ahead
-            const int64_t ra = ps_ ? (int64_t)ps_[t + PF] : j0 + jj + PF;
-            _mm_prefetch(reinterpret_cast<const char*>(cs + ra * RD), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(sn + ra * RD), _MM_HINT_T0);
-          }
-          for (int64_t h = 0; h < Hk; ++h) {
-            __m512 k[NC];
-            kd.template load<NC>(bi, h, t, k);
-            if (cs) {
-              const float* c = cs + r * RD;
-              const float* si = sn + r * RD;
-              for (int cc = 0; cc < NH; ++cc) {
-                const __m512 lo = k[cc], hi = k[cc + NH];
-                k[cc] = _mm512_fnmadd_ps(hi, _mm512_loadu_ps(si + 16 * cc),
-                                         _mm512_mul_ps(lo, _mm512_loadu_ps(c + 16 * cc)));
-                k[cc + NH] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(si + off + 16 * cc),
-                                             _mm512_mul_ps(hi, _mm512_loadu_ps(c + off + 16 * cc)));
-              }
-            }
-            for (int64_t g = 0; g < G; ++g) {
-              const float* qq = qb + (h * G + g) * D;
-              __m512 a = _mm512_mul_ps(k[0], _mm512_loadu_ps(qq));
-              for (int cc = 1; cc < NC; ++cc) a = _mm512_fmadd_ps(k[cc], _mm512_loadu_ps(qq + 16 * cc), a);
-              sc[(h * G + g) * FT + jj] = _mm512_reduce_add_ps(a);
-            }
-          }
-        }
-        for (int64_t i = 0; i < HG; ++i) {
-          float* si = sc + i * FT;
-          float bm = mm[i];
-          for (int64_t jj = 0; jj < nb; ++jj) bm = std::max(bm, si[jj]);
-          if (bm > mm[i]) {
-            const float f = mm[i] == -INFINITY ? 0.f : std::exp(mm[i] - bm);
-            ll[i] *= f;
-            float* a = ac + i * D;
-            for (int64_t d = 0; d < D; ++d) a[d] *= f;
-            mm[i] = bm;
-          }
-          const float mx = mm[i];
-#pragma omp simd
-          for (int64_t jj = 0; jj < FT; ++jj) si[jj] = exp_neg(si[jj] - mx);
-          float sum = 0.f;
-          for (int64_t jj = 0; jj < nb; ++jj) sum += si[jj];
-          ll[i] += sum;
-        }
-        for (int64_t jj = 0; jj < nb; ++jj) {
-          const int64_t t = t0 + j0 + jj;
-          for (int64_t h = 0; h < Hk; ++h) {
-            __m512 v[NC];
-            vd.template load<NC>(bi, h, t, v);
-            for (int64_t g = 0; g < G; ++g) {
-              const int64_t i = h * G + g;
-              const __m512 p = _mm512_set1_ps(sc[i * FT + jj]);
-              float* a = ac + i * D;
-              for (int cc = 0; cc < NC; ++cc)
-                _mm512_storeu_ps(a + 16 * cc, _mm512_fmadd_ps(p, v[cc], _mm512_loadu_ps(a + 16 * cc)));
-            }
-          }
-        }
-      }
+      fold_range<NC>(kd, vd, bi, qp + bi * HG * D, Hk, G, t0, a0, a1, n, ps_, cs, sn, RD, sv.data(), mm, mm + HG,
+                     mm + 2 * HG);
     }
   });
   parts.merge(M, L, A);

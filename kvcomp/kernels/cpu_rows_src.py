@@ -232,10 +232,12 @@ struct Src {
       const float* br = b.data() + (t - brow) * dec.sub[1].width();
       for (int c = 0; c < NC; ++c) {
         const int64_t k = h * NC + c;
-        const __mmask16 mk = cmask[k];  // expanding loads are slow: only where a chunk mixes both parts
+        const __mmask16 mk = cmask[k];  // a chunk that mixes both parts: two plain loads expanded in registers
+        // (the memory form of the expanding load is microcoded and slow on this CPU; the buffers have 16 floats of
+        // slack past their last row)
         r[c] = mk == 0xFFFF ? _mm512_loadu_ps(ar + pn[k])
-                            : _mm512_mask_expandloadu_ps(_mm512_maskz_expandloadu_ps(mk, ar + pn[k]),
-                                                         (__mmask16)~mk, br + psp[k]);
+                            : _mm512_mask_expand_ps(_mm512_maskz_expand_ps(mk, _mm512_loadu_ps(ar + pn[k])),
+                                                    (__mmask16)~mk, _mm512_loadu_ps(br + psp[k]));
       }
       return;
     }

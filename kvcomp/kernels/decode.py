@@ -1,4 +1,7 @@
-"""One decode step's attention on the CPU straight from the packed codes (``cpu_src.py`` ``decode_partial``).
+"""One decode step's attention on the CPU straight from the packed codes: ``decode_layer_cpu`` (one kernel call
+per layer-step, ``cpu_layer_src.py`` ``decode_layer``; what the layer runs) and ``decode_attention_cpu`` (one call
+per segment, ``cpu_src.py`` ``decode_partial`` / ``decode_partial_generic``; the per-segment path the tests hold
+the layer entry to).
 
 For one query step ``q`` ``[B, Hq, 1, D]`` over a layer's history (``chunk.History``) and this step's own
 post-RoPE ``new_k``/``new_v`` ``[B, Hkv, 1, D]``::
@@ -10,13 +13,16 @@ rows); the kernel decodes K rows in registers, re-applies RoPE at the stored pos
 rope's table), scores the ``G`` query heads of each KV head, and folds V rows into an online softmax, the
 block's tokens split over the threads (flash-decoding), the partial states merged in place. A block the kernel
 cannot read (sparse outliers, shared beam rows, another storage type) is first written as a float32 tile by
-its own ``tile_into`` and read as a dense source. Returns (out ``[B, Hq, 1, D]``, lse ``[B, Hq, 1]``), or None
+its own ``tile_into`` and read as a dense source. The layer entry reads the stored segments through a plan
+(``LayerPlan``: their meta rows stacked, kept on the store while its ``version`` stays) and the residual and
+this step's K/V as a full-precision tail. Returns (out ``[B, Hq, 1, D]``, lse ``[B, Hq, 1]``), or None
 where the kernels are off or the model's RoPE is not the split-half rotation (the tiled path runs instead).
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,6 +75,95 @@ def _meta(block: Any, keep: list[torch.Tensor]) -> torch.Tensor | None:
     if meta is not None and not mine and hasattr(block, "__dict__"):
         block.__dict__["_decode_meta"] = meta
     return meta
+
+
+@dataclass
+class LayerPlan:
+    """A layer's stored segments as ``decode_layer`` reads them: stacked meta rows ``[S, 48]`` of K and V, ``seg``
+    ``[S, 3]`` (tokens, address of the int32 positions or 0, 1 + the largest position), and what they point into."""
+
+    kmeta: torch.Tensor
+    vmeta: torch.Tensor
+    seg: torch.Tensor
+    keep: list[Any]
+
+
+def _plan(history: Any, rope: Any, shape: tuple[int, int, int]) -> tuple[LayerPlan, bool]:
+    """The plan of ``history``'s stored segments (its residual excluded) and whether it can be kept until the
+    store changes (False where a segment needed transients built for this call: tiles, contiguous copies)."""
+    b, hkv, d = shape
+    krows, vrows, seg, keep = [], [], [], []
+    lasting = True
+    for kb, vb, pos in zip(history.k_blocks, history.v_blocks, history.pos_blocks, strict=True):
+        mine: list[torch.Tensor] = []
+        n = int(kb.shape[2])
+        km, vm = _meta(kb, mine), _meta(vb, mine)
+        rotate = rope is not None
+        if km is None:  # the tile holds the rotated keys
+            mine.append(kb.tile_into(0, n, torch.empty(b, hkv, n, d), rope.lookup(pos) if rotate else None))
+            km, rotate = _dense(mine[-1], mine), False
+        if vm is None:
+            mine.append(vb.tile_into(0, n, torch.empty(b, hkv, n, d)))
+            vm = _dense(mine[-1], mine)
+        if km is None or vm is None:
+            raise _Unreadable
+        lasting = lasting and not mine
+        p32 = pos.to(torch.int32).contiguous() if rotate else NO_POS
+        keep += [kb, vb, p32, *mine]
+        krows.append(km)
+        vrows.append(vm)
+        seg.append([n, p32.data_ptr() if rotate and n else 0, int(p32.max()) + 1 if rotate and n else 0])
+    cpu_meta = [torch.stack(r) if r else torch.zeros(0, cpu.META, dtype=torch.int64) for r in (krows, vrows)]
+    return LayerPlan(*cpu_meta, torch.tensor(seg, dtype=torch.int64).reshape(-1, 3), keep), lasting
+
+
+class _Unreadable(Exception):
+    """A segment the kernel cannot read, even as a tile."""
+
+
+def layer_plan(history: Any, rope: Any, shape: tuple[int, int, int]) -> LayerPlan:
+    """``_plan`` of ``history``, taken from its store when the store has not changed since the history was taken
+    (``store.version``), else built (and left on the store for the next step when it can be kept)."""
+    store = history.store
+    hit = None if store is None else store.plan
+    if hit is not None and hit[0] == history.version:
+        return hit[1]
+    plan, lasting = _plan(history, rope, shape)
+    if lasting and store is not None and store.version == history.version:
+        store.plan = (history.version, plan)
+    return plan
+
+
+def _tail(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.no_grad()
+def decode_layer_cpu(query: torch.Tensor, history: Any, new_k: torch.Tensor, new_v: torch.Tensor, scale: float,
+                     rope: Any, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One kernel call for the whole layer (``decode_layer``): the stored segments' plan (kept on the store
+    between steps), the residual and this step's own K/V as the full-precision tail. Same contract as
+    ``decode_attention_cpu``."""
+    ops = cpu.on(query)
+    b, hq, q_len, d = query.shape
+    hkv = new_k.shape[1]
+    if ops is None or q_len != 1 or (rope is not None and not rope.split_half(d)):
+        return None
+    tails = [new_k, new_v] + ([] if history.res_k is None else [history.res_k, history.res_v])
+    if any(x.dtype not in cpu.DTYPES for x in tails):
+        return None
+    try:
+        plan = layer_plan(history, rope, (b, hkv, d))
+    except _Unreadable:
+        return None
+    dense = [_tail(new_k), _tail(new_v), NO_POS]
+    if history.res_k is not None:
+        rp = history.res_pos.to(torch.int32) if rope is not None else NO_POS
+        dense = [_tail(history.res_k), _tail(history.res_v), rp, *dense]
+    table = half_table(rope, history_top(history) if top is None else top) if rope is not None else (NO_ROT, NO_ROT)
+    out, lse = ops.decode_layer(query.reshape(b, hkv, hq // hkv, d), scale, plan.kmeta, plan.vmeta, plan.seg, dense,
+                                *table)
+    return out.to(query.dtype), lse
 
 
 @torch.no_grad()

@@ -114,7 +114,9 @@ class Rope:
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The model's RoPE of ``x`` [B, H, T, D] with cos/sin [T, rotary_dim]; fp32."""
         x = x.float()
-        if self.fn is None:
+        # the plain rotation once ``split_half`` found the model's to be it (the same ops on the same operands:
+        # the same bits), without the model function's unused query half
+        if self.fn is None or self.__dict__.get(("_split_half", x.shape[-1])):
             return rotate(x, cos, sin)
         r = cos.shape[-1]
         if self.split_outside and r < x.shape[-1]:
@@ -134,8 +136,11 @@ class Rope:
         if last is not None and last[0] is x and last[1].shape == positions.shape and torch.equal(last[1], positions):
             return last[2]
         cos, sin = self.cos_sin(positions)
-        norm = cos * cos + sin * sin
-        out = self.rotate(x, cos / norm, -sin / norm)
+        inv = self.__dict__.get("_inverse")  # the inverse rotation of the last (cos, sin): every layer of a step
+        if inv is None or inv[0] is not cos or inv[1] is not sin:
+            norm = cos * cos + sin * sin
+            inv = self.__dict__["_inverse"] = (cos, sin, cos / norm, -sin / norm)
+        out = self.rotate(x, inv[2], inv[3])
         self.__dict__["_last_invert"] = (x, positions, out)
         return out
 
