@@ -18,9 +18,9 @@ chunk tokens i at absolute positions p_i, and a prompt of T tokens:
 a match (the value next to its key) share its score; 21 rather than SnapKV's 7 because with propagation a
 7-digit value must reach the deep layers whole (measured: docs/results.md, "Why scorer.pool_kernel: 21").
 ``attention_from`` (0 = every layer) leaves α·Â out in the layers shallower than that fraction of the depth
-(l / (L - 1) < attention_from): there the question's attention did not find the answer's tokens on
-SmolLM2-135M (docs/propagation.md, "Why question=end loses with propagation"), so those layers' scores, and the
-early propagation selections made from them, rest on b_pos and r.
+(l / (L - 1) < attention_from): there the question's attention ranked tokens by position, not content, on
+SmolLM2-135M (docs/propagation.md, "Why prompt_guided with `question: end` loses with propagation"), so those
+layers' scores, and the early propagation selections made from them, rest on b_pos and r.
 ``term_scale`` sets how Â and r are made comparable:
 ``chunk`` min-max normalises each over the chunk (every chunk then has a token at 1, whatever it holds);
 ``absolute`` keeps them on one scale across chunks, so a downstream global policy can tell a filler chunk
