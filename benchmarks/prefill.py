@@ -50,6 +50,8 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("fastkv, tsp_rate=0.4", "fastkv", ["propagation.tsp_rate=0.4"]),
     ("fastkv tuned (tsp_rate=0.4, earlier preset)", "fastkv", [*FASTKV_EARLIER, "propagation.tsp_rate=0.4"]),
     ("prompt_guided, question=end", "prompt_guided", ["compressor.question=end"]),
+    ("prompt_guided, question=end, attention_from=0.5", "prompt_guided", ["compressor.question=end",
+                                                                          "scorer.attention_from=0.5"]),
     ("prompt_guided_end (no propagation)", "prompt_guided_end", []),
     ("prompt_guided, schedule=chunk", "prompt_guided", ["propagation.schedule=chunk"]),
     ("fastkv, schedule=chunk (per-chunk budget)", "fastkv", FASTKV_CHUNK),

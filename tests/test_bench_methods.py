@@ -43,3 +43,20 @@ def test_table_without_prompt_guided_compares_to_the_first_row_and_checks_fastkv
     assert "| fastkv, tsp_rate=0.4 |" in text
     goals = [x for x in text.splitlines() if "(goal >= 90 %" in x]
     assert [g.split("] ")[1].split(":")[0] for g in goals] == ["fastkv", "fastkv, tsp_rate=0.4"]
+
+
+def test_propagation_trace_finds_the_answer_and_where_it_was_lost() -> None:
+    from benchmarks.propagation_trace import answer_span, summary
+
+    class Chars:  # one character per token id
+        def decode(self, ids: list[int]) -> str:
+            return "".join(chr(i) for i in ids)
+
+    ids = [ord(c) for c in "key 4711 end"]
+    assert answer_span(Chars(), ids, "4711") == [4, 5, 6, 7]
+    assert answer_span(Chars(), ids, "999") == []
+    rows = [{"id": "needle-0", "score": 0.0, "span": [4, 5], "points": [0, 9], "survive": [1, 1]},
+            {"id": "needle-1", "score": 1.0, "span": [4, 5], "points": [0, 9], "survive": [2, 0]},
+            {"id": "needle-2", "score": 0.0, "span": [4, 5], "points": [0, 9], "survive": [2, 2]}]
+    assert summary(rows) == ("needle: score 33.3 (n = 3); answer not carried whole in 2 (first lost after layer: "
+                             "{0: 1, 9: 1}), of which wrong 1; wrong with the answer carried whole 1")

@@ -63,6 +63,20 @@ def test_prompt_guided_terms_switch_off() -> None:
         SCORERS.build({"name": "prompt_guided", "alpha": -1})
 
 
+def test_prompt_guided_attention_from_leaves_the_attention_out_of_shallow_layers() -> None:
+    """``attention_from``: layers shallower than that depth fraction score as if alpha were 0; deeper ones as the
+    default (layer 3 of 8 is at depth 3/7 = 0.43)."""
+    ctx = needle_context()
+    default = SCORERS.build({"name": "prompt_guided"}).score(ctx)
+    no_attention = SCORERS.build({"name": "prompt_guided", "alpha": 0.0}).score(ctx)
+    assert not torch.allclose(default, no_attention)
+    for frac, want in ((0.5, no_attention), (0.43, no_attention), (0.42, default), (0.0, default)):
+        got = SCORERS.build({"name": "prompt_guided", "attention_from": frac}).score(ctx)
+        assert torch.equal(got, want), frac
+    with pytest.raises(ConfigError, match="scorer.attention_from"):
+        SCORERS.build({"name": "prompt_guided", "attention_from": 1.5})
+
+
 @pytest.mark.parametrize(("u", "tier"), [(1.0, 8), (0.7, 8), (0.6999, 4), (0.3, 4), (0.2999, 2), (0.0, 2)])
 def test_tier_boundaries(u: float, tier: int) -> None:
     p = Precision(mode="tiers", theta_h=0.7, theta_m=0.3, protect_sinks=0, normalize="minmax")

@@ -161,3 +161,31 @@ def test_keep_of_prompt_and_tsp_len_are_refused_where_they_mean_nothing() -> Non
         PROPAGATORS.build({"name": "fastkv_tsp", "tsp_len": 100, "schedule": "chunk"})
     with pytest.raises(ConfigError, match="pool=mean is not one of: max, avg"):
         PROPAGATORS.build({"name": "fastkv_tsp", "pool": "mean"})
+
+
+def test_fastkv_reports_the_question_it_reads(tiny) -> None:
+    """FastKV's stage selection and its budget read no question: the kept tokens and the logits are the same with
+    either question or none, and metrics.json says ``question: unused`` (the experiment as composed too); the chunk
+    ablation protects the question's length (``length``); prompt_guided reports its timing."""
+    from conftest import compose
+
+    from kvcomp.experiment import build_parts
+
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, T), generator=torch.Generator().manual_seed(5))
+    comp = COMPRESSORS.build({"name": "unified", "chunk_size": CHUNK, "precision": {
+        "mode": "budget", "keep_ratio": 0.1, "keep_of": "prompt", "budget_at": "end", "protect_sinks": 0}},
+        quantizer=QUANTIZERS.build({"name": "none"}), propagator=PROPAGATORS.build({"name": "fastkv_tsp"}),
+        scorer=SCORERS.build({"name": "snapkv", "window": 8}))
+    seen = []
+    for q in (None, ids[:, -5:], ids[:, :17]):
+        with comp.session(model, q) as s:
+            last = s.prefill(ids)
+        seen.append((last, [layer.held_positions().tolist() for layer in s.cache.layers]))
+    for last, held in seen[1:]:
+        assert torch.equal(last, seen[0][0]) and held == seen[0][1]
+    assert comp.settings()["question"] == "unused"
+    assert fastkv("chunk").settings()["question"] == "length"
+    assert build_parts(compose(["+experiment=fastkv"])).compressor.settings()["question"] == "unused"
+    pg = build_parts(compose(["+experiment=prompt_guided", "compressor.question=end"])).compressor
+    assert pg.settings() == {"question": "end", "propagation_schedule": "stage"}

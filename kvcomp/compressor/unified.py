@@ -116,7 +116,16 @@ class Unified(Compressor):
         """Run settings reported in metrics.json (information the method was given)."""
         prop = self.propagator
         schedule = "none" if prop is None or not prop.active(32) else prop.schedule
-        return {"question": self.question, "propagation_schedule": schedule}
+        return {"question": self.question_read(), "propagation_schedule": schedule}
+
+    def question_read(self) -> str:
+        """What of the question the method reads: ``compressor.question`` (oracle / end / none) when the scorer
+        reads the question; otherwise ``length`` when only a propagator's protected prompt end (``keep_last`` plus
+        the question's token count) reads it, else ``unused`` (e.g. FastKV: its scorer and TSP read no question)."""
+        if self.question == "none" or (self.scorer is not None and self.scorer.needs_question):
+            return self.question
+        prop = self.propagator
+        return "length" if prop is not None and prop.reads_question(32) else "unused"
 
     def install(self, session: Session, stack: ExitStack) -> None:
         model = session.model

@@ -137,6 +137,10 @@ class Propagator:
             out.index_add_(0, at[ok], s.to(out.device)[ok])
         return out
 
+    def reads_question(self, n_layers: int) -> bool:
+        """Whether this propagator reads the question (its length: the protected prompt end, ``protected``)."""
+        return self.active(n_layers)
+
     def protected(self, run: Any) -> int:
         """Prompt-end tokens every selection keeps: ``keep_last`` plus the question's length."""
         return self.keep_last + run.question_len

@@ -73,6 +73,11 @@ class FastKVTSP(Propagator):
             raise ConfigError(f"propagation.tsp_layer={self.tsp_layer} must be < {n_layers - 1} for this model")
         return float(self.tsp_rate) if layer_idx >= tsp else 1.0
 
+    def reads_question(self, n_layers: int) -> bool:
+        """The stage schedule's selection reads no question (its window is the prompt's last queries); the chunk
+        ablation protects the question's length like the base class."""
+        return self.active(n_layers) and self.schedule == "chunk"
+
     def query_window(self, run: Any, step: int) -> int:
         return self.window
 

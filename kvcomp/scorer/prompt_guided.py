@@ -17,6 +17,10 @@ chunk tokens i at absolute positions p_i, and a prompt of T tokens:
 Â and r are max-pooled over ``pool_kernel`` (21) neighbouring tokens (as SnapKV does), so the tokens around
 a match (the value next to its key) share its score; 21 rather than SnapKV's 7 because with propagation a
 7-digit value must reach the deep layers whole (measured: docs/results.md, "Why scorer.pool_kernel: 21").
+``attention_from`` (0 = every layer) leaves α·Â out in the layers shallower than that fraction of the depth
+(l / (L - 1) < attention_from): at layer 0 the question's attention ranked tokens by position, not content, on
+SmolLM2-135M (docs/propagation.md, "Why prompt_guided with `question: end` loses with propagation"), so those
+layers' scores, and the early propagation selections made from them, rest on b_pos and r.
 ``term_scale`` sets how Â and r are made comparable:
 ``chunk`` min-max normalises each over the chunk (every chunk then has a token at 1, whatever it holds);
 ``absolute`` keeps them on one scale across chunks, so a downstream global policy can tell a filler chunk
@@ -50,6 +54,7 @@ class PromptGuided(Scorer):
     pos_window: int = param(64, gt=0)
     pool_kernel: int = param(21, ge=1, where=lambda k: k % 2 == 1, what="odd")
     term_scale: Literal["chunk", "absolute"] = "absolute"
+    attention_from: float = param(0.0, ge=0, le=1)
     query_window: int = 0  # set from the question length at run time
     needs_question: bool = True
 
@@ -61,8 +66,9 @@ class PromptGuided(Scorer):
         n = ctx.n_store
         s = torch.zeros(n, device=ctx.positions.device)
         w = ctx.queries.shape[2] if ctx.queries is not None else 0
-        if self.alpha and w:
-            w_l = 1.0 - self.layer_decay * ctx.layer_idx / max(1, ctx.n_layers - 1)
+        depth = ctx.layer_idx / max(1, ctx.n_layers - 1)
+        if self.alpha and w and depth >= self.attention_from:
+            w_l = 1.0 - self.layer_decay * depth
             a = stored_attention(ctx)
             if self.term_scale == "absolute":
                 x = a * (int(ctx.positions[-1]) + 1)  # keys the last query sees (dropped ones included)
