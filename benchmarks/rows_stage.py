@@ -3,7 +3,7 @@
 ``fastkv`` and ``prompt_guided`` now select at the prompt's end, stage by stage (``propagation.schedule:
 stage``); ``schedule=chunk`` rows are the per-chunk ablation (the behaviour before the stage schedule, with the
 earlier fastkv preset). ``fastkv`` itself runs the official code's settings; the tuned row is named.
-The h2o rows separate the two reasons its keep-0.5 budget loses the answer (``docs/propagation.md``, "H2O").
+The h2o rows separate the two reasons its keep-0.5 budget loses the answer (``docs/h2o.md``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the heavy hitters. ``normalize``: ``sum`` (H2O's accumulated attention) or ``mea
 number of those queries that see the token (kvpress's ObservedAttention). Under a causal mask a sum
 favours early tokens: the last token of a chunk is seen by one query, the first by all of them, so a
 per-chunk budget on sums drops each chunk's tail, the prompt's end (the question) included
-(``docs/propagation.md``, "H2O"). Computed in query blocks to bound memory.
+(``docs/h2o.md``). Computed in query blocks to bound memory.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ a match (the value next to its key) share its score; 21 rather than SnapKV's 7 b
 7-digit value must reach the deep layers whole (measured: docs/results.md, "Why scorer.pool_kernel: 21").
 ``attention_from`` (0 = every layer) leaves α·Â out in the layers shallower than that fraction of the depth
 (l / (L - 1) < attention_from): at layer 0 the question's attention ranked tokens by position, not content, on
-SmolLM2-135M (docs/propagation.md, "Why prompt_guided with `question: end` loses with propagation"), so those
+SmolLM2-135M (docs/propagation_quality.md, "Why prompt_guided with `question: end` loses with propagation"), so those
 layers' scores, and the early propagation selections made from them, rest on b_pos and r.
 ``term_scale`` sets how Â and r are made comparable:
 ``chunk`` min-max normalises each over the chunk (every chunk then has a token at 1, whatever it holds);
