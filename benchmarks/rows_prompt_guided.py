@@ -28,7 +28,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "prompt_guided, question=end, pool_kernel=21": (PG, ["compressor.question=end", "scorer.pool_kernel=21"]),
     "prompt_guided, propagation budget=chunk": (PG, ["propagation.budget=chunk"]),
     # the question's attention left out of the first half of the layers: the selections after layers 0 and 9
-    # rest on b_pos and r (at layer 0 that attention ranked the answer's tokens at the bottom, docs/propagation_quality.md)
+    # rest on b_pos and r (at layer 0 that attention ranked the answer's tokens at the bottom,
+    # docs/propagation_quality.md)
     "prompt_guided, question=end, attention_from=0.5": (PG, ["compressor.question=end",
                                                              "scorer.attention_from=0.5"]),
     "prompt_guided, question=end, propagation budget=chunk": (PG, ["compressor.question=end",
