@@ -3,33 +3,14 @@ the errors that name what is missing."""
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import SHARED
+from longbench_rows import LB, REAL, hub_zip, needs_rows, task
 
 from kvcomp.errors import ConfigError
-from kvcomp.registry import TASKS
 from kvcomp.task.longbench.data import load_rows
 
-LB = SHARED / "longbench"
-REAL = ("multi_news", "multifieldqa_zh", "passage_retrieval_zh")
-needs_rows = pytest.mark.skipif(not all((LB / f"{t}.jsonl").is_file() for t in REAL),
-                                reason=f"LongBench sample rows not in {LB}")
-
-
-def task(**kw):
-    return TASKS.build({"name": "longbench", **kw}, "task")
-
-
-def hub_zip(tmp_path: Path, tasks=REAL, suffix: str = "") -> Path:
-    """A zip in the hub's layout (data/<task>.jsonl) built from the real rows."""
-    path = tmp_path / "data.zip"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for t in tasks:
-            zf.write(LB / f"{t}.jsonl", f"data/{t}{suffix}.jsonl")
-    return path
 
 @needs_rows
 def test_loader_reads_real_rows_from_data_dir() -> None:

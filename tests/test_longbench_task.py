@@ -6,14 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED, compose
+from conftest import REPO, compose
+from longbench_rows import LB, REAL, hub_zip, needs_rows, task
 
 from kvcomp.errors import ConfigError
-from kvcomp.registry import TASKS
 from kvcomp.task.longbench import score_task, score_task_e
 from kvcomp.task.longbench.data import load_rows
 from kvcomp.task.longbench.prompts import (
@@ -27,25 +26,6 @@ from kvcomp.task.longbench.prompts import (
 )
 from kvcomp.task.longbench.task import middle_truncate
 from kvcomp.task.prompting import encode_question
-
-LB = SHARED / "longbench"
-REAL = ("multi_news", "multifieldqa_zh", "passage_retrieval_zh")
-needs_rows = pytest.mark.skipif(not all((LB / f"{t}.jsonl").is_file() for t in REAL),
-                                reason=f"LongBench sample rows not in {LB}")
-
-
-def task(**kw):
-    return TASKS.build({"name": "longbench", **kw}, "task")
-
-
-def hub_zip(tmp_path: Path, tasks=REAL, suffix: str = "") -> Path:
-    """A zip in the hub's layout (data/<task>.jsonl) built from the real rows."""
-    path = tmp_path / "data.zip"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for t in tasks:
-            zf.write(LB / f"{t}.jsonl", f"data/{t}{suffix}.jsonl")
-    return path
-
 
 # --- subsets and prompts ----------------------------------------------------------------------------
 
