@@ -77,6 +77,24 @@ def _meta(block: Any, keep: list[torch.Tensor]) -> torch.Tensor | None:
     return meta
 
 
+def _sources(kb: Any, vb: Any, pos: torch.Tensor, rope: Any, shape: tuple[int, int, int],
+             keep: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+    """Meta rows of a stored segment's K and V blocks; a block the kernel cannot read is first written as a float32
+    tile (keys rotated at ``pos`` there) that goes to ``keep``. Returns (K meta, V meta, whether the kernel must
+    still rotate the keys); a meta is None where even the tile is unreadable."""
+    b, hkv, d = shape
+    n = int(kb.shape[2])
+    km, vm = _meta(kb, keep), _meta(vb, keep)
+    rotate = rope is not None
+    if km is None:  # the tile holds the rotated keys
+        keep.append(kb.tile_into(0, n, torch.empty(b, hkv, n, d), rope.lookup(pos) if rotate else None))
+        km, rotate = _dense(keep[-1], keep), False
+    if vm is None:
+        keep.append(vb.tile_into(0, n, torch.empty(b, hkv, n, d)))
+        vm = _dense(keep[-1], keep)
+    return km, vm, rotate
+
+
 @dataclass
 class LayerPlan:
     """A layer's stored segments as ``decode_layer`` reads them: stacked meta rows ``[S, 48]`` of K and V, ``seg``
@@ -91,20 +109,12 @@ class LayerPlan:
 def _plan(history: Any, rope: Any, shape: tuple[int, int, int]) -> tuple[LayerPlan, bool]:
     """The plan of ``history``'s stored segments (its residual excluded) and whether it can be kept until the
     store changes (False where a segment needed transients built for this call: tiles, contiguous copies)."""
-    b, hkv, d = shape
     krows, vrows, seg, keep = [], [], [], []
     lasting = True
     for kb, vb, pos in zip(history.k_blocks, history.v_blocks, history.pos_blocks, strict=True):
         mine: list[torch.Tensor] = []
         n = int(kb.shape[2])
-        km, vm = _meta(kb, mine), _meta(vb, mine)
-        rotate = rope is not None
-        if km is None:  # the tile holds the rotated keys
-            mine.append(kb.tile_into(0, n, torch.empty(b, hkv, n, d), rope.lookup(pos) if rotate else None))
-            km, rotate = _dense(mine[-1], mine), False
-        if vm is None:
-            mine.append(vb.tile_into(0, n, torch.empty(b, hkv, n, d)))
-            vm = _dense(mine[-1], mine)
+        km, vm, rotate = _sources(kb, vb, pos, rope, shape, mine)
         if km is None or vm is None:
             raise _Unreadable
         lasting = lasting and not mine
@@ -191,13 +201,8 @@ def decode_attention_cpu(query: torch.Tensor, history: Any, new_k: torch.Tensor,
         if pos is None:  # this step's own post-RoPE K/V
             km, vm, rot = _dense(kb, keep), _dense(vb, keep), None
         else:
-            km, vm, rot = _meta(kb, keep), _meta(vb, keep), table
-            if km is None:  # the tile holds the rotated keys
-                keep.append(kb.tile_into(0, n, torch.empty(b, hkv, n, d), None if rot is None else rope.lookup(pos)))
-                km, rot = _dense(keep[-1], keep), None
-            if vm is None:
-                keep.append(vb.tile_into(0, n, torch.empty(b, hkv, n, d)))
-                vm = _dense(keep[-1], keep)
+            km, vm, rotate = _sources(kb, vb, pos, rope, (b, hkv, d), keep)
+            rot = table if rotate else None
         if km is None or vm is None:
             return None
         cos, sin = rot if rot is not None else (NO_ROT, NO_ROT)
