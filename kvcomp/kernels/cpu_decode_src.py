@@ -152,6 +152,16 @@ inline float exp_neg(float x) {
 // flash-decoding split shared by both decode kernels: each batch row's n tokens in ``nch`` ranges (one per thread,
 // at least 256 tokens each); a task = (batch row, range) keeps its own partial state per query head (max, sum,
 // accumulator of D), merged into the running state at the end
+// online softmax: head i's running max rises to bm (when it is higher); its sum and accumulator [D] are rescaled
+inline void raise_max(float* mm, float* ll, float* ac, int64_t i, int64_t D, float bm) {
+  if (bm <= mm[i]) return;
+  const float f = mm[i] == -INFINITY ? 0.f : std::exp(mm[i] - bm);
+  ll[i] *= f;
+  float* a = ac + i * D;
+  for (int64_t d = 0; d < D; ++d) a[d] *= f;
+  mm[i] = bm;
+}
+
 struct Parts {
   int64_t B, n, HG, D, nch, per, S;
   std::vector<float> part;
@@ -251,13 +261,7 @@ void decode_partial_generic(torch::Tensor q, torch::Tensor kmeta, torch::Tensor 
         for (int64_t i = 0; i < HG; ++i) {
           float bm = mm[i];
           for (int64_t jj = 0; jj < nb; ++jj) bm = std::max(bm, s[jj * HG + i]);
-          if (bm > mm[i]) {
-            const float f = mm[i] == -INFINITY ? 0.f : std::exp(mm[i] - bm);
-            ll[i] *= f;
-            float* a = ac + i * D;
-            for (int64_t d = 0; d < D; ++d) a[d] *= f;
-            mm[i] = bm;
-          }
+          raise_max(mm, ll, ac, i, D, bm);
         }
         float* __restrict ps = s.data();
         const float* __restrict mx = mm;

@@ -67,13 +67,7 @@ void fold_range(Src& kd, Src& vd, int64_t bi, const float* qb, int64_t Hk, int64
       float* si = sc + i * FT;
       float bm = mm[i];
       for (int64_t jj = 0; jj < nb; ++jj) bm = std::max(bm, si[jj]);
-      if (bm > mm[i]) {
-        const float f = mm[i] == -INFINITY ? 0.f : std::exp(mm[i] - bm);
-        ll[i] *= f;
-        float* a = ac + i * D;
-        for (int64_t d = 0; d < D; ++d) a[d] *= f;
-        mm[i] = bm;
-      }
+      raise_max(mm, ll, ac, i, D, bm);
       const float mx = mm[i];
 #pragma omp simd
       for (int64_t jj = 0; jj < FT; ++jj) si[jj] = exp_neg(si[jj] - mx);
