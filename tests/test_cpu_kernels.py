@@ -158,3 +158,27 @@ def test_decode_kernel_split_over_threads_equals_the_oracle(case: str) -> None:
             assert (got[0] - want[0]).abs().max() < 1e-4 and (got[1] - want[1]).abs().max() < 1e-4, (case, generic)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("case", ["kvquant_stream", "livekvquant4", "livekvquant2"])
+def test_meta_tile_reads_split_and_sparse_blocks_in_one_pass(case: str) -> None:
+    """Channel splits and dense-and-sparse blocks are tiled by the compiled ``meta_tile`` (not their part-by-part
+    path), equal to the plain-torch reference, rotated or not, batch 2, at any token offset."""
+    from kvcomp.cache.quant import ChannelSplit, Sparse
+    from kvcomp.kernels.decode import meta_tile
+
+    layer = build_layer(CASES[case], b=2, hkv=2, d=32, t=100, chunk=32)
+    mixed = [blk for blk in _blocks(layer) if isinstance(blk, ChannelSplit | Sparse)]
+    assert mixed, case
+    g = torch.Generator().manual_seed(3)
+    for block in mixed:
+        b, h, t, d = block.shape
+        for t0, t1 in {(0, t), (t // 3, t - t // 4), (t - 1, t)}:
+            want = torch.empty(b, h, t1 - t0, d)
+            block.tile_reference(t0, t1, want)
+            got = torch.full((b, h, t1 - t0, d), float("nan"))
+            assert meta_tile(block, t0, got), (case, type(block).__name__)
+            assert torch.allclose(got, want, atol=1e-6, rtol=0), (case, type(block).__name__, t0, t1)
+            cos, sin = torch.randn(t1 - t0, d, generator=g), torch.randn(t1 - t0, d, generator=g)
+            assert meta_tile(block, t0, got, (cos, sin))
+            assert torch.allclose(got, cpu.rotate_rows(want.clone(), (cos, sin)), atol=1e-5), (case, t0, t1)

@@ -23,7 +23,7 @@ from kvcomp.cache.packing import pack_float, unpack
 from kvcomp.cache.slices import PackedSlice
 from kvcomp.cache.storage import Stored
 from kvcomp.cache.tiles import column_runs
-from kvcomp.kernels import cpu
+from kvcomp.kernels import cpu, decode
 from kvcomp.kernels.cpu import NO_ROT
 
 FP16_MAX = 60000.0
@@ -178,6 +178,8 @@ class Sparse:
 
     def tile_into(self, t0: int, t1: int, out: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> torch.Tensor:
+        if decode.meta_tile(self, t0, out, rot):  # base, outliers and RoPE in one compiled pass
+            return out
         self.base.tile_into(t0, t1, out)
         tiles.sparse_outliers_into(self, t0, t1, out)
         return cpu.rope_tile(out, rot)
@@ -252,6 +254,8 @@ class ChannelSplit:
 
     def tile_into(self, t0: int, t1: int, out: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> torch.Tensor:
+        if decode.meta_tile(self, t0, out, rot):  # both parts and RoPE in one compiled pass, no part tiles
+            return out
         ops = cpu.on(out)
         if ops is None:
             self.tile_reference(t0, t1, out)

@@ -77,6 +77,21 @@ def _meta(block: Any, keep: list[torch.Tensor]) -> torch.Tensor | None:
     return meta
 
 
+def meta_tile(block: Any, t0: int, out: torch.Tensor, rot: Any = None) -> bool:
+    """Tokens ``[t0, t0 + n)`` of a stored ``block`` into float32 ``out`` ``[B, H, n, D]`` (rotated by ``rot`` = (cos,
+    sin) ``[n, D]`` when given) in one compiled pass from the block's decode meta row (``cpu_tile_src.py``); False
+    where there is no kernel or it cannot read the block (the caller's own path runs)."""
+    ops = cpu.on(out)
+    if ops is None:
+        return False
+    keep: list[torch.Tensor] = []
+    meta = _meta(block, keep)
+    if meta is None:
+        return False
+    ops.meta_tile(meta, t0, out, *(rot or (NO_ROT, NO_ROT)))
+    return True
+
+
 def _sources(kb: Any, vb: Any, pos: torch.Tensor, rope: Any, shape: tuple[int, int, int],
              keep: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
     """Meta rows of a stored segment's K and V blocks; a block the kernel cannot read is first written as a float32
