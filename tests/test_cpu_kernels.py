@@ -164,7 +164,8 @@ def test_decode_kernel_split_over_threads_equals_the_oracle(case: str) -> None:
 def test_meta_tile_reads_split_and_sparse_blocks_in_one_pass(case: str) -> None:
     """Channel splits and dense-and-sparse blocks are tiled by the compiled ``meta_tile`` (not their part-by-part
     path), equal to the plain-torch reference, rotated or not, batch 2, at any token offset."""
-    from kvcomp.cache.quant import ChannelSplit, Sparse
+    from kvcomp.cache.quant import Sparse
+    from kvcomp.cache.split import ChannelSplit
     from kvcomp.kernels.decode import meta_tile
 
     layer = build_layer(CASES[case], b=2, hkv=2, d=32, t=100, chunk=32)

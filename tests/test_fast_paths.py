@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvcomp.cache.packing import pack, pack_float, unpack
-from kvcomp.cache.quant import columns, rest_columns
+from kvcomp.cache.split import columns, rest_columns
 from kvcomp.cache.tiles import _unpack_bytes
 from kvcomp.compressor.precision import RunningScores
 

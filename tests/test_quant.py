@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kvcomp.cache.packing import pack, packed_nbytes, unpack
-from kvcomp.cache.quant import ChannelSplit, Packed, Sparse, quantize
+from kvcomp.cache.quant import Packed, Sparse, quantize
+from kvcomp.cache.split import ChannelSplit
 from kvcomp.cache.storage import Dense
 from kvcomp.errors import ConfigError
 from kvcomp.registry import QUANTIZERS
@@ -83,7 +84,8 @@ def test_no_nan_or_inf(kind: str, name: str) -> None:
 def test_sparse_and_channel_split_round_trip() -> None:
     x = torch.randn(1, 2, 20, 8)
     x[0, 1, 3, 2] = 50.0
-    from kvcomp.cache.quant import columns, split_outliers
+    from kvcomp.cache.quant import split_outliers
+    from kvcomp.cache.split import columns
 
     dense, idx, vals = split_outliers(x, torch.full((1, 2, 1, 8), 4.0))
     s = Sparse(quantize(dense, 8), idx, vals)

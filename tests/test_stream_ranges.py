@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvcomp.cache.quant import ChannelSplit, Packed, Sparse
+from kvcomp.cache.quant import Packed, Sparse
+from kvcomp.cache.split import ChannelSplit
 from kvcomp.cache.storage import Dense
 from kvcomp.generation import greedy_generate
 from kvcomp.quantizer.livekvquant import WarmupBlock

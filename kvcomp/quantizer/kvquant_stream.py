@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 import torch
 
-from kvcomp.cache.quant import ChannelSplit, columns, half_safe, quantize, rest_columns
+from kvcomp.cache.quant import half_safe, quantize
+from kvcomp.cache.split import ChannelSplit, columns, rest_columns
 from kvcomp.cache.storage import Dense, Stored
 from kvcomp.fields import param
 from kvcomp.quantizer.base import WIDTHS, Quantizer
