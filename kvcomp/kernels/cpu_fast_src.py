@@ -5,8 +5,9 @@ profile of the generic loop (per-token row decode through a switch, G dot produc
 Per thread, tiles of ``FT`` = 16 tokens; per token and KV head the key row is read into ``NC`` = D/16 zmm registers
 by its source (``Src``, ``cpu_rows_src.py``: packed codes and dense rows straight into registers, channel splits a
 tile at a time, anything else through the generic ``Dec::row``), rotated by RoPE in registers (the two halves of
-the row are chunks ``c`` and ``c + NC/2``), scored against the ``G`` query heads (NC FMAs and one reduction each);
-then the tile's online softmax (exp vectorised over the tile), and ``acc += p * v`` with the value row read the
+the row are chunks ``c`` and ``c + NC/2``), scored against the ``G`` query heads (NC FMAs each; the tile's 16
+products per head reduced at once by ``sum16``); then the tile's online softmax (exp vectorised over the tile), and
+``acc += p * v`` (accumulators in registers over the tile) with the value row read the
 same way. Without AVX-512, or for head dims other than 32 / 64 / 128, ``decode_partial`` is the generic kernel.
 Both are held to the materialize oracle (``tests/test_cpu_kernels.py``).
 """
@@ -20,9 +21,32 @@ namespace {
 """ + ROWS_SOURCE + r"""
 
 
+// the 16 sums of 16 vectors (``v[j]`` at ``p + 16 * j``): one transpose-and-add tree (45 shuffles and adds for the
+// 16, instead of 16 separate horizontal reductions); lane j of the result = the sum of ``v[j]``
+inline __m512 sum16(const float* p) {
+  __m512 t[8], u[4];
+  for (int k = 0; k < 8; ++k) {
+    const __m512 a = _mm512_loadu_ps(p + 32 * k), b = _mm512_loadu_ps(p + 32 * k + 16);
+    t[k] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // per 128-bit lane: a, b, a, b
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512d a = _mm512_castps_pd(t[2 * k]), b = _mm512_castps_pd(t[2 * k + 1]);
+    u[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }  // u[k], 128-bit lane l: the lane-l sums of v[4k .. 4k + 3]
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+// floats of one thread's scratch for ``fold_range``: the tile's scores [HG, FT], the unreduced score vectors
+// [HG, FT, 16] and the tile's value rows [Hk, FT, D]
+inline int64_t fold_scratch(int64_t Hk, int64_t G, int64_t D) { return Hk * G * FT * 17 + Hk * FT * D; }
+
 // tokens [a0, a1) of one block pair (sources kd / vd, batch row bi, ``n`` tokens, positions ``ps_`` or row j, no
 // rotation where ``cs`` is null) folded into one task's running state (mm / ll / ac of its HG query heads); ``sc``:
-// HG * FT floats
+// ``fold_scratch`` floats, zeroed once. Per tile of FT tokens: keys decoded and rotated in registers, each query
+// head's products kept as vectors and reduced 16 tokens at a time (``sum16``); the value rows decoded once into the
+// scratch, then each query head's accumulator held in registers over the tile's tokens.
 template <int NC>
 void fold_range(Src& kd, Src& vd, int64_t bi, const float* qb, int64_t Hk, int64_t G, int64_t t0, int64_t a0,
                 int64_t a1, int64_t n, const int32_t* ps_, const float* cs, const float* sn, int64_t RD, float* sc,
@@ -30,6 +54,8 @@ void fold_range(Src& kd, Src& vd, int64_t bi, const float* qb, int64_t Hk, int64
   constexpr int64_t D = NC * 16, NH = NC / 2;
   const int64_t HG = Hk * G;
   const int64_t off = RD == D / 2 ? 0 : D / 2;
+  float* pv = sc + HG * FT;       // [HG, FT, 16]
+  float* vr = pv + HG * FT * 16;  // [Hk, FT, D]
   kd.tend = vd.tend = t0 + a1;
   for (int64_t j0 = a0; j0 < a1; j0 += FT) {
     const int64_t nb = std::min(FT, a1 - j0);
@@ -59,12 +85,13 @@ void fold_range(Src& kd, Src& vd, int64_t bi, const float* qb, int64_t Hk, int64
           const float* qq = qb + (h * G + g) * D;
           __m512 a = _mm512_mul_ps(k[0], _mm512_loadu_ps(qq));
           for (int cc = 1; cc < NC; ++cc) a = _mm512_fmadd_ps(k[cc], _mm512_loadu_ps(qq + 16 * cc), a);
-          sc[(h * G + g) * FT + jj] = _mm512_reduce_add_ps(a);
+          _mm512_storeu_ps(pv + ((h * G + g) * FT + jj) * 16, a);
         }
       }
     }
     for (int64_t i = 0; i < HG; ++i) {
       float* si = sc + i * FT;
+      _mm512_storeu_ps(si, sum16(pv + i * FT * 16));  // lanes past nb: stale sums, never read below
       float bm = mm[i];
       for (int64_t jj = 0; jj < nb; ++jj) bm = std::max(bm, si[jj]);
       raise_max(mm, ll, ac, i, D, bm);
@@ -80,14 +107,21 @@ void fold_range(Src& kd, Src& vd, int64_t bi, const float* qb, int64_t Hk, int64
       for (int64_t h = 0; h < Hk; ++h) {
         __m512 v[NC];
         vd.template load<NC>(bi, h, t, v);
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t i = h * G + g;
-          const __m512 p = _mm512_set1_ps(sc[i * FT + jj]);
-          float* a = ac + i * D;
-          for (int cc = 0; cc < NC; ++cc)
-            _mm512_storeu_ps(a + 16 * cc, _mm512_fmadd_ps(p, v[cc], _mm512_loadu_ps(a + 16 * cc)));
-        }
+        float* o = vr + (h * FT + jj) * D;
+        for (int cc = 0; cc < NC; ++cc) _mm512_storeu_ps(o + 16 * cc, v[cc]);
       }
+    }
+    for (int64_t i = 0; i < HG; ++i) {
+      const float* vh = vr + (i / G) * FT * D;
+      const float* pi = sc + i * FT;
+      float* a = ac + i * D;
+      __m512 acc[NC];
+      for (int cc = 0; cc < NC; ++cc) acc[cc] = _mm512_loadu_ps(a + 16 * cc);
+      for (int64_t jj = 0; jj < nb; ++jj) {
+        const __m512 p = _mm512_set1_ps(pi[jj]);
+        for (int cc = 0; cc < NC; ++cc) acc[cc] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vh + jj * D + 16 * cc), acc[cc]);
+      }
+      for (int cc = 0; cc < NC; ++cc) _mm512_storeu_ps(a + 16 * cc, acc[cc]);
     }
   }
 }
@@ -101,7 +135,7 @@ void decode_fast(const float* qp, const int64_t* kmeta, const int64_t* vmeta, in
   Parts parts(B, n, HG, D);
   at::parallel_for(0, parts.tasks(), 1, [&](int64_t begin, int64_t end) {
     Src kd(kmeta, Hk, D), vd(vmeta, Hk, D);
-    std::vector<float> sv(HG * FT);
+    std::vector<float> sv(fold_scratch(Hk, G, D));
     for (int64_t task = begin; task < end; ++task) {
       int64_t bi, a0, a1;
       float* mm = parts.start(task, bi, a0, a1);

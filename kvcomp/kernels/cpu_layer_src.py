@@ -75,7 +75,7 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor query, double scale, torch
     constexpr int NC = decltype(nc)::value;
     Parts parts(B, N, HG, D);
     at::parallel_for(0, parts.tasks(), 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> sv(HG * FT);
+      std::vector<float> sv(fold_scratch(Hk, G, D));
       for (int64_t task = begin; task < end; ++task) {
         int64_t bi, a0, a1;
         float* mm = parts.start(task, bi, a0, a1);
