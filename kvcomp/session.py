@@ -115,9 +115,16 @@ class Session:
                 release_memory(input_ids.device)
         if last is None:
             raise ValueError("empty input")
-        if self.scoring is not None:  # the prompt has been read: a late (question: end) pass may re-tier it
-            self.scoring.prompt_end(self)
+        self._prompt_read()
         return last
+
+    def _prompt_read(self) -> None:
+        """The prompt has been read: a late (question: end) pass may re-tier it, then the cache drops what its
+        prefill forwards memoised (``end_prefill``; a plain HF cache has none)."""
+        if self.scoring is not None:
+            self.scoring.prompt_end(self)
+        if hasattr(self.cache, "end_prefill"):
+            self.cache.end_prefill()
 
     def _staged(self, input_ids: torch.Tensor, on_logits: LogitsFn | None) -> torch.Tensor:
         if on_logits is not None:
@@ -127,8 +134,7 @@ class Session:
                               "use propagation=none with it")
         self.prompt_len = input_ids.shape[1]
         last = self.schedule.prefill(input_ids)
-        if self.scoring is not None:
-            self.scoring.prompt_end(self)
+        self._prompt_read()
         return last
 
     @torch.inference_mode()

@@ -114,3 +114,19 @@ def test_kv_bytes_reserved_counts_the_storage_behind_held_tensors() -> None:
     assert stats["kv_bytes_reserved"] == cache.kv_bytes_reserved >= cache.kv_bytes > 0
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in layer.tensors()}
     assert cache.kv_bytes_reserved == sum(storages.values())
+
+
+@pytest.mark.parametrize("name", ["uniform", "kvquant_stream", "livekvquant"])
+def test_prefill_end_drops_the_rope_memos(tiny, ids, name: str) -> None:
+    """What a cache holds after the prompt is its stored tokens and the cos/sin table: the memos of the prefill's
+    forwards (last cos/sin sets, the last un-rotated keys, the inverse rotation) are dropped when the prompt ends,
+    and decoding afterwards still works (it rebuilds what it needs)."""
+    model, _ = tiny
+    comp = COMPRESSORS.build({"name": "unified", "chunk_size": 64}, quantizer=build(name))
+    with comp.session(model) as s:
+        s.prefill(ids)
+        ropes = [r for r in s.cache.ropes if r is not None]
+        assert ropes
+        for rope in ropes:
+            assert rope._memo == [] and "_last_invert" not in rope.__dict__ and "_inverse" not in rope.__dict__
+        assert torch.isfinite(s.step(ids[:, -1:])).all()

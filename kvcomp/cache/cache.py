@@ -84,6 +84,11 @@ class CompressedCache(Cache):
         """Attach the run (a ``Session``) whose state the layers use."""
         self._run = weakref.ref(run)
 
+    def end_prefill(self) -> None:
+        """The prompt has been read: the RoPE memos of its forwards are dropped (``Rope.release``)."""
+        for rope in {id(r): r for r in self.ropes if r is not None}.values():
+            rope.release()
+
     # -- statistics --------------------------------------------------------------------------------
     @property
     def kv_bytes(self) -> int:

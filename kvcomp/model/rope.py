@@ -144,6 +144,14 @@ class Rope:
         self.__dict__["_last_invert"] = (x, positions, out)
         return out
 
+    def release(self) -> None:
+        """Drop the memos of the last forwards (cos/sin sets, the last un-rotated keys, the inverse rotation):
+        transient working data, dropped when a prompt's prefill ends so what the cache holds afterwards is its
+        stored tokens and the cos/sin table decode reads (about 2 MiB at 1000 tokens on SmolLM2-135M otherwise)."""
+        self._memo = []
+        self.__dict__.pop("_last_invert", None)
+        self.__dict__.pop("_inverse", None)
+
     def self_check(self, model_name: str = "model", dim: int | None = None) -> None:
         """ConfigError unless ``invert(apply(x)) == x`` and ``apply`` changes ``x`` (a rotation kvcomp can undo)."""
         pos = torch.arange(3, 11)
