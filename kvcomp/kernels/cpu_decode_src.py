@@ -149,9 +149,6 @@ inline float exp_neg(float x) {
   return p * scale;
 }
 
-// flash-decoding split shared by both decode kernels: each batch row's n tokens in ``nch`` ranges (one per thread,
-// at least 256 tokens each); a task = (batch row, range) keeps its own partial state per query head (max, sum,
-// accumulator of D), merged into the running state at the end
 // online softmax: head i's running max rises to bm (when it is higher); its sum and accumulator [D] are rescaled
 inline void raise_max(float* mm, float* ll, float* ac, int64_t i, int64_t D, float bm) {
   if (bm <= mm[i]) return;
@@ -162,6 +159,9 @@ inline void raise_max(float* mm, float* ll, float* ac, int64_t i, int64_t D, flo
   mm[i] = bm;
 }
 
+// flash-decoding split shared by both decode kernels: each batch row's n tokens in ``nch`` ranges (one per thread,
+// at least 256 tokens each); a task = (batch row, range) keeps its own partial state per query head (max, sum,
+// accumulator of D), merged into the running state at the end
 struct Parts {
   int64_t B, n, HG, D, nch, per, S;
   std::vector<float> part;
