@@ -137,7 +137,25 @@ class Packed:
 def quantize(x: torch.Tensor, bits: int, axis: str = "token", group: int = 0,
              lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> Packed:
     """Quantize ``x`` [B, H, T, D] to a ``Packed`` block; range per group = its min/max, or the given
-    ``lo``/``hi`` (broadcastable to the grouped view ``[..., n_groups, 1]``; values outside are clipped)."""
+    ``lo``/``hi`` (broadcastable to the grouped view ``[..., n_groups, 1]``; values outside are clipped).
+    On the CPU in one compiled pass (``cpu.quantize_pack``), bit-equal to ``quantize_reference``."""
+    ops = cpu.on(x) if bits in (2, 3, 4, 8) and x.dim() == 4 else None
+    if ops is None:
+        return quantize_reference(x, bits, axis, group, lo, hi)
+    shape = tuple(x.shape)
+    n = shape[-1] if axis == "token" else shape[-2]
+    g = group if 0 < group < n else n
+    grouped = (*shape[:2], shape[-2] if axis == "token" else shape[-1], -(-n // g), 1)
+    bounds = [b.float().expand(grouped).contiguous() if b is not None else NO_ROT for b in (lo, hi)]
+    if (lo is None) != (hi is None):
+        return quantize_reference(x, bits, axis, group, lo, hi)
+    codes, scale, zero = ops.quantize_pack(x.float().contiguous(), *bounds, bits, axis == "token", g)
+    return Packed(codes, scale, zero, bits, shape, axis, g)  # type: ignore[arg-type]
+
+
+def quantize_reference(x: torch.Tensor, bits: int, axis: str = "token", group: int = 0,
+                       lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> Packed:
+    """``quantize`` in plain torch (any device; the oracle of the compiled pass)."""
     shape = tuple(x.shape)
     xg, g = _grouped(x.float(), axis, group)
     lo = xg.amin(dim=-1, keepdim=True) if lo is None else lo.float().expand(*xg.shape[:-1], 1)

@@ -20,12 +20,15 @@ contiguous) for tokens ``t0 + j`` of a stored block, optionally rotated by split
 - ``decode_layer``: the vectorised step over all of a layer's segments in one call (``cpu_layer_src.py``): stacked
   meta rows, one parallel region over the total tokens, one merge;
 - ``meta_tile``: a tile of any block the decode kernels read, from its meta row (``cpu_tile_src.py``): channel
-  splits and sparse outliers decoded per token in one pass.
+  splits and sparse outliers decoded per token in one pass;
+- ``quantize_pack``: ``kvcomp.cache.quant.quantize`` (range, fp16 scale and zero point, codes, bit packing) in one
+  pass (``cpu_quant_src.py``).
 """
 
 from kvcomp.kernels.cpu_decode_src import DECODE_SOURCE
 from kvcomp.kernels.cpu_fast_src import FAST_SOURCE
 from kvcomp.kernels.cpu_layer_src import LAYER_SOURCE
+from kvcomp.kernels.cpu_quant_src import QUANT_SOURCE
 from kvcomp.kernels.cpu_tile_src import TILE_SOURCE
 
 SOURCE = r"""
@@ -252,7 +255,7 @@ void rope_tile(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 """
 
 FUNCTIONS = ["packed_tile", "dense_tile", "split_tile", "rope_tile", "decode_partial", "decode_partial_generic",
-             "decode_layer", "meta_tile"]
+             "decode_layer", "meta_tile", "quantize_pack"]
 #: the whole extension: these shared helpers and tile kernels, then the generic decode kernel (``cpu_decode_src.py``)
 #: the vectorised one (``cpu_fast_src.py``) and the whole-layer entry over both (``cpu_layer_src.py``)
-SOURCE = SOURCE + DECODE_SOURCE + FAST_SOURCE + LAYER_SOURCE + TILE_SOURCE
+SOURCE = SOURCE + DECODE_SOURCE + FAST_SOURCE + LAYER_SOURCE + TILE_SOURCE + QUANT_SOURCE
