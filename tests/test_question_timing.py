@@ -191,3 +191,30 @@ def test_end_budget_protects_the_queries_own_tokens_not_the_last_held(tiny) -> N
         s[pos < comp.policy.protect_sinks] = float("inf")
         want = pos[torch.topk(s, comp.policy.end_keep(pos.numel(), t)).indices]
         assert set(held_positions(layer).tolist()) == set(want.tolist()), i
+
+
+@pytest.mark.parametrize("bits, skipped", [([4, 4, 2], True), ([8, 4, 2], False)])
+def test_chunks_are_not_scored_when_no_width_depends_on_it(tiny, bits, skipped) -> None:
+    """question: end with every tier at or below hold_bits (prompt_guided_end): chunks are held at 4 bits whatever
+    their scores, so they are not scored; the cache and the logits equal those of a run that scores them."""
+    model, _ = tiny
+    ids = torch.randint(3, 250, (1, 200), generator=torch.Generator().manual_seed(11))
+    precision = {**TIERS, "bits": bits, "theta_h": 0.7, "theta_m": 0.3}
+    runs = {}
+    for force in (False, True):
+        comp = unified("end", precision)
+        calls = []
+        real = comp.scorer.score
+        comp.scorer.score = lambda ctx, real=real, calls=calls: calls.append(ctx.n_store) or real(ctx)
+        with comp.session(model, ids[:, -6:]) as sess:
+            assert sess.scoring.streaming is not skipped
+            sess.scoring.streaming = sess.scoring.streaming or force
+            logits = sess.prefill(ids)
+        cache = sess.cache
+        runs[force] = ([widths(layer) for layer in cache.layers], logits, len(calls),
+                       cache.get_compression_stats()["tokens_dropped"])
+    assert runs[False][0] == runs[True][0] and torch.equal(runs[False][1], runs[True][1])
+    assert runs[False][3] == runs[True][3] > 0
+    n_layers = len(runs[False][0])
+    assert runs[False][2] == (n_layers if skipped else runs[True][2])  # skipped: the end pass's scores only
+    assert runs[True][2] > n_layers

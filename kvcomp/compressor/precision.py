@@ -197,8 +197,20 @@ class PromptPolicy:
         self.stats = RunningScores(precision.history)
         self.defer_drops = False  # question: end -- a pass at the prompt's end decides the drops
 
+    def scores_unused(self) -> bool:
+        """Whether no streamed token's width depends on its score: the end pass decides (``defer_drops``) and
+        either ``mode: budget`` (every token kept until then) or every tier is at or below ``hold_bits`` (each
+        scored token is held at ``hold_bits``). The end pass scores with fresh statistics, so none are kept."""
+        p = self.precision
+        return self.defer_drops and (p.mode == "budget" or (p.mode == "tiers" and max(p.bits) <= p.hold_bits))
+
     def __call__(self, scores: torch.Tensor, positions: torch.Tensor, prompt_len: int = 0, layer_idx: int = 0,
                  n_layers: int = 1) -> torch.Tensor | None:
+        if self.scores_unused() and self.precision.mode == "tiers":  # the widths the tiers would give, directly
+            scored = ~torch.isnan(scores)
+            if not bool(scored.any()):
+                return None
+            return torch.where(scored, self.precision.hold_bits, DEFAULT).to(torch.int64)
         if not self.defer_drops:
             return self.precision(scores, positions, prompt_len, layer_idx, n_layers, self.stats)
         if self.precision.mode == "budget":  # budget_at: end -- every token kept until the end pass

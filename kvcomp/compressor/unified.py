@@ -44,14 +44,15 @@ class Scoring:
         #: positions are not theirs)
         self.last_queries: dict[int, tuple[torch.Tensor, float, torch.Tensor]] = {}
         self.end_pass: Any = None  # question: end -- called once the prompt has been read
+        #: False when nothing reads a chunk's scores (``PromptPolicy.scores_unused`` and no propagator): chunks are
+        #: not scored (their trailing queries are still kept for the end pass, which scores the held history)
+        self.streaming = True
 
     def score(self, cache: CompressedCache, layer_idx: int, new_keys: torch.Tensor, positions: torch.Tensor,
               n_store: int, attn: tuple[torch.Tensor, torch.Tensor, float] | None, prompt_len: int) -> torch.Tensor:
         q, d = new_keys.shape[-2], new_keys.shape[-1]
         if n_store == 0:  # only an appended question reached this layer (propagation stopped the chunk)
             return torch.zeros(0, device=new_keys.device)
-        rope = cache.ropes[layer_idx]
-        pre = rope.invert(new_keys, positions) if rope is not None else new_keys
         queries = lse = None
         scaling = d**-0.5
         if attn is not None:
@@ -60,6 +61,10 @@ class Scoring:
                 w = q if self.window < 0 else min(self.window, q)
                 queries, lse = attn[0][:, :, -w:], attn[1][:, :, -w:]
                 self.last_queries[layer_idx] = (queries, scaling, positions[-w:])
+        if not self.streaming:
+            return torch.zeros(n_store, device=new_keys.device)
+        rope = cache.ropes[layer_idx]
+        pre = rope.invert(new_keys, positions) if rope is not None else new_keys
         ctx = ScoreContext(layer_idx, self.n_layers, new_keys, pre, queries, lse, positions, n_store,
                            scaling, prompt_len, self.windows[layer_idx])
         s = self.scorer.score(ctx).float()
@@ -147,6 +152,9 @@ class Unified(Compressor):
             if self.policy.mode == "budget" and self.policy.budget_at == "end":
                 session.policy.defer_drops = True
                 session.scoring.end_pass = lambda run, scoring: budget_end(run, scoring, self.policy)
+        propagates = self.propagator is not None and self.propagator.active(len(arch.decoder_layers(model)))
+        if session.scoring is not None and session.policy is not None and not propagates:
+            session.scoring.streaming = not session.policy.scores_unused()
         if self.propagator is not None:
             if self.propagator.staged(len(arch.decoder_layers(model))):
                 from kvcomp.propagator.stage import StageSchedule
