@@ -10,11 +10,11 @@ import torch
 from kvcomp.cache.storage import Dense
 
 
-def materialize(layer: Any, new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def materialize(layer: Any, new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
+                values: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Dequantized history of ``layer`` (post-RoPE keys) followed by ``new_k``/``new_v`` as given:
     ``[B, H, held + q, D]`` in the model dtype, written block by block into one buffer (transients stay
-    block-sized)."""
+    block-sized). ``values=False``: the keys only (values None), as a scorer over the held history needs."""
     kb, vb, pb = list(layer.k_blocks), list(layer.v_blocks), list(layer.pos_blocks)
     if layer.res_k is not None:
         kb.append(Dense(layer.res_k))
@@ -26,7 +26,7 @@ def materialize(layer: Any, new_k: torch.Tensor | None = None, new_v: torch.Tens
     q = 0 if new_k is None else new_k.shape[-2]
     b, h, _, d = kb[0].shape
     keys = torch.empty(b, h, held + q, d, dtype=layer.dtype, device=layer.device)
-    values = torch.empty(b, h, held + q, d, dtype=layer.dtype, device=layer.device)
+    values = torch.empty(b, h, held + q, d, dtype=layer.dtype, device=layer.device) if values else None
     cos = sin = None
     if layer.rope is not None:
         cos, sin = layer.rope.cos_sin(torch.cat(pb))
@@ -37,11 +37,13 @@ def materialize(layer: Any, new_k: torch.Tensor | None = None, new_v: torch.Tens
         if cos is not None:
             k = layer.rope.rotate(k, cos[o : o + n], sin[o : o + n])
         keys[..., o : o + n, :] = k
-        values[..., o : o + n, :] = vblk.dequantize(layer.dtype)
+        if values is not None:
+            values[..., o : o + n, :] = vblk.dequantize(layer.dtype)
         o += n
     if q:
         keys[..., held:, :] = new_k
-        values[..., held:, :] = new_v
+        if values is not None:
+            values[..., held:, :] = new_v
     return keys, values
 
 
