@@ -41,12 +41,7 @@ class ChannelSplit:
         """int32 ``[H*D]``: column ``c`` of the normal part (``c >= 0``) or ``-c - 1`` of the special part."""
         cm = self.__dict__.get("_colmap")
         if cm is None:
-            _, h, _, d = self.shape
-            cols = self.cols.long()
-            cm = torch.empty(h * d, dtype=torch.int32, device=cols.device)
-            cm[rest_columns(h * d, cols)] = torch.arange(h * d - cols.numel(), dtype=torch.int32, device=cols.device)
-            cm[cols] = -1 - torch.arange(cols.numel(), dtype=torch.int32, device=cols.device)
-            self.__dict__["_colmap"] = cm
+            cm = self.__dict__["_colmap"] = _tables(self.shape[1] * self.shape[3], self.cols)[0]
         return cm
 
     def tile_into(self, t0: int, t1: int, out: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -72,7 +67,8 @@ class ChannelSplit:
         parts = [getattr(p, "decode_meta", lambda k: None)(keep) for p in (self.normal, self.special)]
         runs = self.__dict__.get("_colruns")
         if runs is None:
-            runs = self.__dict__["_colruns"] = cpu.split_runs(self.column_map())
+            runs = _tables(self.shape[1] * self.shape[3], self.cols)[1]
+            runs = self.__dict__["_colruns"] = cpu.split_runs(self.column_map()) if runs is None else runs
         return cpu.split_meta(self.column_map(), runs, self.shape[1], self.shape[3], *parts)
 
     @property
@@ -102,3 +98,27 @@ def rest_columns(n: int, cols: torch.Tensor) -> torch.Tensor:
     keep[cols] = 0
     return torch.argsort(keep, descending=True, stable=True)[: n - cols.numel()]
 
+
+
+#: (columns, outlier columns) -> (column map, its runs) of CPU channel splits: a quantizer's outlier channels follow
+#: its running statistics, so consecutive chunks mostly share them; the tables are read-only once built
+_TABLES: dict[tuple[int, bytes], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+
+def _tables(n: int, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``ChannelSplit.column_map`` and its runs (``cpu.split_runs``, what the CPU decode kernel reads; None on other
+    devices) for ``n`` flat columns with outliers ``cols``."""
+    key = (n, cols.numpy().tobytes()) if cols.device.type == "cpu" else None
+    hit = _TABLES.get(key) if key is not None else None
+    if hit is not None:
+        return hit
+    c = cols.long()
+    cm = torch.empty(n, dtype=torch.int32, device=c.device)
+    cm[rest_columns(n, c)] = torch.arange(n - c.numel(), dtype=torch.int32, device=c.device)
+    cm[c] = -1 - torch.arange(c.numel(), dtype=torch.int32, device=c.device)
+    out = (cm, cpu.split_runs(cm) if key is not None else None)
+    if key is not None:
+        if len(_TABLES) >= 256:
+            _TABLES.clear()
+        _TABLES[key] = out
+    return out
