@@ -7,7 +7,8 @@
   queries of each chunk, as many as the question has tokens, stand in for it); nothing is dropped and no
   token is stored below ``precision.hold_bits`` (4) yet. Where no streamed token's width can depend on its
   score (every tier at or below ``hold_bits``, or ``budget_at: end``) and no propagator reads the scores, chunks are
-  not scored at all (``PromptPolicy.scores_unused``; the same cache as scoring them). When the prompt has been read, ``prompt_end`` re-scores
+  not scored at all (``PromptPolicy.scores_unused``; the same cache as scoring them).
+  When the prompt has been read, ``prompt_end`` re-scores
   every layer's held history with the question's queries of the last forward (the prompt ends with the
   question), maps those scores to tiers with fresh global quantiles per layer band, and demotes or drops
   tokens to them: a token ends at min(its streaming width, its question-aware width); none is promoted.
