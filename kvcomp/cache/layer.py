@@ -167,10 +167,10 @@ class CompressedLayer(CacheLayerMixin):
 
     # -- storage -------------------------------------------------------------------------------------
     def materialize(self, new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
-                    values: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                    with_values: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Dequantized history (post-RoPE keys) followed by ``new_k``/``new_v`` as given: ``[B, H, held + q, D]``
-        in the model dtype (``oracle.materialize``; ``values=False``: keys only)."""
-        return materialize(self, new_k, new_v, values)
+        in the model dtype (``oracle.materialize``; ``with_values=False``: keys only)."""
+        return materialize(self, new_k, new_v, with_values)
 
     def _append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor | None) -> None:
         if score is None:

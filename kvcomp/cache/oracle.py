@@ -11,10 +11,10 @@ from kvcomp.cache.storage import Dense
 
 
 def materialize(layer: Any, new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
-                values: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                with_values: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Dequantized history of ``layer`` (post-RoPE keys) followed by ``new_k``/``new_v`` as given:
     ``[B, H, held + q, D]`` in the model dtype, written block by block into one buffer (transients stay
-    block-sized). ``values=False``: the keys only (values None), as a scorer over the held history needs."""
+    block-sized). ``with_values=False``: the keys only (values None), as a scorer over the held history needs."""
     kb, vb, pb = list(layer.k_blocks), list(layer.v_blocks), list(layer.pos_blocks)
     if layer.res_k is not None:
         kb.append(Dense(layer.res_k))
@@ -26,7 +26,7 @@ def materialize(layer: Any, new_k: torch.Tensor | None = None, new_v: torch.Tens
     q = 0 if new_k is None else new_k.shape[-2]
     b, h, _, d = kb[0].shape
     keys = torch.empty(b, h, held + q, d, dtype=layer.dtype, device=layer.device)
-    values = torch.empty(b, h, held + q, d, dtype=layer.dtype, device=layer.device) if values else None
+    values = torch.empty(b, h, held + q, d, dtype=layer.dtype, device=layer.device) if with_values else None
     cos = sin = None
     if layer.rope is not None:
         cos, sin = layer.rope.cos_sin(torch.cat(pb))

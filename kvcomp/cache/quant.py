@@ -33,11 +33,16 @@ def _grouped(x: torch.Tensor, axis: str, group: int) -> tuple[torch.Tensor, int]
     if axis == "channel":
         x = x.transpose(-1, -2)
     n = x.shape[-1]
-    g = group if 0 < group < n else n
+    g = _group_size(n, group)
     pad = (-n) % g
     if pad:
         x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
     return x.reshape(*x.shape[:-1], -1, g), g
+
+
+def _group_size(n: int, group: int) -> int:
+    """Elements per group along a reduced axis of ``n``: ``group``, or the whole axis (0 or ``group >= n``)."""
+    return group if 0 < group < n else n
 
 
 def _ungrouped(y: torch.Tensor, axis: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -139,16 +144,16 @@ def quantize(x: torch.Tensor, bits: int, axis: str = "token", group: int = 0,
     """Quantize ``x`` [B, H, T, D] to a ``Packed`` block; range per group = its min/max, or the given
     ``lo``/``hi`` (broadcastable to the grouped view ``[..., n_groups, 1]``; values outside are clipped).
     On the CPU in one compiled pass (``cpu.quantize_pack``), bit-equal to ``quantize_reference``."""
-    ops = cpu.on(x) if bits in (2, 3, 4, 8) and x.dim() == 4 else None
+    ops = cpu.on(x) if bits in (2, 3, 4, 8) and x.dim() == 4 and (lo is None) == (hi is None) else None
     if ops is None:
         return quantize_reference(x, bits, axis, group, lo, hi)
     shape = tuple(x.shape)
     n = shape[-1] if axis == "token" else shape[-2]
-    g = group if 0 < group < n else n
+    g = _group_size(n, group)
     grouped = (*shape[:2], shape[-2] if axis == "token" else shape[-1], -(-n // g), 1)
-    bounds = [b.float().expand(grouped).contiguous() if b is not None else NO_ROT for b in (lo, hi)]
-    if (lo is None) != (hi is None):
-        return quantize_reference(x, bits, axis, group, lo, hi)
+    # an empty range tensor = "each group's own min / max"
+    bounds = [x.new_empty(0, dtype=torch.float32) if b is None else b.float().expand(grouped).contiguous()
+              for b in (lo, hi)]
     codes, scale, zero = ops.quantize_pack(x.float().contiguous(), *bounds, bits, axis == "token", g)
     return Packed(codes, scale, zero, bits, shape, axis, g)  # type: ignore[arg-type]
 

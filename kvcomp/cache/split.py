@@ -99,7 +99,6 @@ def rest_columns(n: int, cols: torch.Tensor) -> torch.Tensor:
     return torch.argsort(keep, descending=True, stable=True)[: n - cols.numel()]
 
 
-
 #: (columns, outlier columns) -> (column map, its runs) of CPU channel splits: a quantizer's outlier channels follow
 #: its running statistics, so consecutive chunks mostly share them; the tables are read-only once built
 _TABLES: dict[tuple[int, bytes], tuple[torch.Tensor, torch.Tensor | None]] = {}

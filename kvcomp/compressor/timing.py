@@ -67,7 +67,7 @@ def end_scores(run: Any, scoring: Any, bands: Any, history: int = 65536, layers:
         if last is None or layer.held() == 0:
             continue
         queries, scaling, q_pos = last
-        keys, _ = layer.materialize(values=False)
+        keys, _ = layer.materialize(with_values=False)
         pos = held_positions(layer).to(keys.device).long()
         rope = cache.ropes[i]
         pre = rope.invert(keys, pos) if rope is not None else keys

@@ -152,11 +152,12 @@ class Unified(Compressor):
             if self.policy.mode == "budget" and self.policy.budget_at == "end":
                 session.policy.defer_drops = True
                 session.scoring.end_pass = lambda run, scoring: budget_end(run, scoring, self.policy)
-        propagates = self.propagator is not None and self.propagator.active(len(arch.decoder_layers(model)))
+        n_layers = len(arch.decoder_layers(model))
+        propagates = self.propagator is not None and self.propagator.active(n_layers)
         if session.scoring is not None and session.policy is not None and not propagates:
             session.scoring.streaming = not session.policy.scores_unused()
         if self.propagator is not None:
-            if self.propagator.staged(len(arch.decoder_layers(model))):
+            if self.propagator.staged(n_layers):
                 from kvcomp.propagator.stage import StageSchedule
 
                 session.schedule = StageSchedule(self.propagator, session)
