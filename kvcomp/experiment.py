@@ -68,6 +68,7 @@ def run(cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None) 
         ok = True
         return metrics
     except interrupt.Interrupted as e:  # predictions so far + status.json; no metrics.json
+        interrupt.heed()
         if out is not None:
             interrupt.mark(out, e, records or e.records, env_info(next(model.parameters()).device))
         raise

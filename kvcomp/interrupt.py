@@ -5,6 +5,11 @@ being generated finishes, then ``check()`` (called by ``evaluate`` before each s
 ``Interrupted`` carrying the finished records. A second signal raises at once. ``mark`` writes what the
 run has (``predictions.jsonl`` so far) and ``status.json`` with ``status: interrupted``, and never
 ``metrics.json``, so sweeps and the report count the run as incomplete. The CLI exits 128 + signal.
+
+A signal that arrives during the last sample (or after it) finds no sample boundary left: the run
+finishes and writes its results, and ``unheeded()`` keeps the request, so a sweep stops after that run
+instead of going on to the next (the kvcomp Optuna sweeper checks after each batch; under other sweepers
+the CLI stops the next job before it loads the model).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STATUS_FILE = "status.json"
 _pending: list[int] = []  # signals received while installed
+_unheeded: list[int] = []  # a stop asked for too late for the run to act on (it finished)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -48,11 +54,13 @@ def install() -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     _pending.clear()
+    _unheeded.clear()
     old = {s: signal.signal(s, _handler) for s in SIGNALS}
 
     def restore() -> None:
         for s, h in old.items():
             signal.signal(s, h)
+        _unheeded[:] = _pending[:1]
         _pending.clear()
 
     return restore
@@ -62,6 +70,16 @@ def check() -> None:
     """Raise ``Interrupted`` if a stop was requested (call between samples)."""
     if _pending:
         raise Interrupted(_pending[0])
+
+
+def heed() -> None:
+    """The run acted on the stop request (raised ``Interrupted``): nothing is left for a sweep to act on."""
+    _pending.clear()
+
+
+def unheeded() -> int | None:
+    """The signal of a stop request the last finished run could not act on (None if there was none)."""
+    return _unheeded[0] if _unheeded else None
 
 
 def mark(out: Path, e: Interrupted, records: list[dict[str, Any]], env: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from signal import Signals
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from kvcomp.errors import KvcompError, unknown_choice
-from kvcomp.interrupt import Interrupted, describe
+from kvcomp.interrupt import Interrupted, describe, unheeded
 from kvcomp.sidebyside import method_label, side_by_side
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -52,6 +53,11 @@ def main(cfg: DictConfig) -> float | list[float] | None:
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
+    if hc.mode == RunMode.MULTIRUN and (sig := unheeded()) is not None:  # asked during the last job's last sample
+        _discard(out)
+        print(f"interrupted ({Signals(sig).name}) after the previous run finished; this one did not start",
+              file=sys.stderr)
+        sys.exit(128 + sig)
     try:
         metrics = run(cfg, out)
     except Interrupted as e:  # the run dir keeps predictions so far and status.json (no metrics.json)

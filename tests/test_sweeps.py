@@ -109,6 +109,10 @@ def test_fidelity_sweep_minimises_kl_and_reuses_baseline(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
+    """SIGTERM while trial 2 runs. Where it lands decides what the sweep can do, and each is checked: during
+    model loading (default handler, the process dies: trial 2 is left RUNNING) or before its last sample
+    (trial 2 stops, status.json): trial 2 is failed on resume and its parameters run once more; during its
+    last sample: trial 2 finishes and the sweep stops after it (it must not go on to trial 3)."""
     from kvcomp.sweep.study import RUN_DIR, interrupted
 
     sweep = tmp_path / "s"
@@ -122,8 +126,10 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
         p.wait(timeout=60)
     finally:
         p.kill()
+    assert p.returncode != 0
     before = trials(sweep, "hpo_random")
-    assert states(before).get("COMPLETE", 0) < 5, "the sweep finished before it could be killed"
+    finished = sorted(t.number for t in before if t.state.name == "COMPLETE")
+    assert finished in ([0, 1], [0, 1, 2]), f"the sweep went on after SIGTERM in trial 2: {states(before)}"
     r = multirun(args, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     ts = trials(sweep, "hpo_random")
@@ -133,10 +139,64 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
     assert len(set(dirs)) == 5 and all((sweep / d / "metrics.json").exists() for d in dirs)
     assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == sorted(dirs)
     killed = [t for t in ts if t.number in interrupted(ts)]  # Optuna's retry callback names the original
-    assert len(killed) == 1 and killed[0].number == 2 and killed[0].state.name == "FAIL"
-    assert [t.params for t in done].count(killed[0].params) == 1  # its parameters ran again, once
+    if 2 in finished:
+        assert not killed and len(ts) == 5  # nothing to redo
+    else:
+        assert len(killed) == 1 and killed[0].number == 2 and killed[0].state.name == "FAIL"
+        assert [t.params for t in done].count(killed[0].params) == 1  # its parameters ran again, once
     assert len({tuple(t.params.values()) for t in done}) == 5  # the rerun did not replay trials 0 and 1
     assert not [t for t in ts if t.state.name not in ("COMPLETE", "FAIL")]
+
+
+@pytest.mark.slow
+def test_sigterm_in_a_trials_last_sample_stops_the_sweep_after_it(tmp_path: Path) -> None:
+    """One sample per trial, so a signal in trial 1 lands in its last sample: trial 1 finishes (COMPLETE, its
+    metrics.json), the sweep stops there with 143 instead of running trial 2, and a rerun only adds trial 2."""
+    sweep = tmp_path / "s"
+    args = ["+sweeps=hpo/random", *SMOKE, "task.n_samples=1", "task.context_length=12000",  # ~2 s per sample
+            "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.Popen(sweep_cmd(args), cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        started = 0
+        for line in p.stdout:  # one line per run, once its signal handlers are in place
+            started += "samples (SIGTERM or Ctrl-C" in line
+            if started == 2:
+                p.send_signal(signal.SIGTERM)
+                break
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "trial 1's last sample: the trial finished, the sweep stops" in out and "Traceback" not in err
+    assert states(trials(sweep, "hpo_random")) == {"COMPLETE": 2}
+    assert sorted(d.parent.name for d in sweep.glob("*/metrics.json")) == ["0", "1"] and not (sweep / "2").exists()
+    r = multirun(args, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ts = trials(sweep, "hpo_random")
+    assert states(ts) == {"COMPLETE": 3} and sorted(d.parent.name for d in sweep.glob("*/metrics.json")) == [
+        "0", "1", "2"]
+
+
+@pytest.mark.slow
+def test_sigterm_in_a_grid_runs_last_sample_stops_the_grid(tmp_path: Path) -> None:
+    """Hydra's own sweeper (an ablation grid) cannot be told to stop; the next job exits 143 before it loads
+    the model and leaves no run dir."""
+    sweep = tmp_path / "s"
+    args = ["+sweeps=ablation/smoke", "model=tiny_llama", "task.context_length=12000,12100", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.Popen(sweep_cmd(args), cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        for line in p.stdout:
+            if "samples (SIGTERM or Ctrl-C" in line:  # job 0's only sample
+                p.send_signal(signal.SIGTERM)
+                break
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "interrupted (SIGTERM) after the previous run finished; this one did not start" in err
+    assert [d.name for d in sweep.iterdir() if d.is_dir()] == ["0"] and (sweep / "0" / "metrics.json").exists()
 
 
 @pytest.mark.slow

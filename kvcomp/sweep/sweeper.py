@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import signal
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import Trial, TrialState
 from tqdm.auto import tqdm
 
+from kvcomp import interrupt
 from kvcomp.sweep import space as sp
 from kvcomp.sweep import storage as stg
 from kvcomp.sweep import study as st
@@ -143,6 +145,12 @@ class ResumableOptunaSweeper:
             if not trials:
                 break
             failures += self._launch(study, trials, fixed, prefix)
+            if (sig := interrupt.unheeded()) is not None:  # asked during a trial's last sample: it finished
+                bar.close()
+                self._write_results(study, prefix)
+                log.warning("%s during trial %d's last sample: the trial finished, the sweep stops (rerun the "
+                            "command to resume)", signal.Signals(sig).name, trials[-1].number)
+                raise SystemExit(128 + sig)
         bar.close()
         self._write_results(study, prefix)
 
