@@ -162,6 +162,7 @@ def test_sigterm_in_a_trials_last_sample_stops_the_sweep_after_it(tmp_path: Path
         for line in p.stdout:  # one line per run, once its signal handlers are in place
             started += "samples (SIGTERM or Ctrl-C" in line
             if started == 2:
+                time.sleep(0.5)  # past the check before its sample (the line comes just before it)
                 p.send_signal(signal.SIGTERM)
                 break
         out, err = p.communicate(timeout=120)
@@ -188,7 +189,8 @@ def test_sigterm_in_a_grid_runs_last_sample_stops_the_grid(tmp_path: Path) -> No
                          text=True)
     try:
         for line in p.stdout:
-            if "samples (SIGTERM or Ctrl-C" in line:  # job 0's only sample
+            if "samples (SIGTERM or Ctrl-C" in line:  # job 0's only sample (~2 s)
+                time.sleep(0.5)  # past the check before it (the line comes just before it)
                 p.send_signal(signal.SIGTERM)
                 break
         _, err = p.communicate(timeout=120)
