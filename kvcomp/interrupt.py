@@ -7,9 +7,11 @@ run has (``predictions.jsonl`` so far) and ``status.json`` with ``status: interr
 ``metrics.json``, so sweeps and the report count the run as incomplete. The CLI exits 128 + signal.
 
 A signal that arrives during the last sample (or after it) finds no sample boundary left: the run
-finishes and writes its results, and ``unheeded()`` keeps the request, so a sweep stops after that run
-instead of going on to the next (the kvcomp Optuna sweeper checks after each batch; under other sweepers
-the CLI stops the next job before it loads the model).
+finishes and writes its results, and the request is kept, so a sweep stops after that run instead of going
+on to the next. The kvcomp Optuna sweeper installs the handlers around the whole sweep (a run's
+``install`` inside it shares them), so a signal between trials, or while a finished trial is being told,
+is a request too, checked with ``requested()`` before and after each batch; under other sweepers the CLI
+stops the next job before it loads the model (``unheeded()``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STATUS_FILE = "status.json"
 _pending: list[int] = []  # signals received while installed
 _unheeded: list[int] = []  # a stop asked for too late for the run to act on (it finished)
+_depth: list[int] = [0]  # installs in force (a run inside a sweep that handles signals: 2)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -53,13 +56,22 @@ def install() -> Callable[[], None]:
     """Handle SIGINT/SIGTERM as stop requests until the returned function is called (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    if _depth[0]:  # inside a sweep that handles signals already: its request is this run's
+
+        def leave() -> None:
+            _depth[0] -= 1
+
+        _depth[0] += 1
+        return leave
     _pending.clear()
     _unheeded.clear()
     old = {s: signal.signal(s, _handler) for s in SIGNALS}
+    _depth[0] = 1
 
     def restore() -> None:
         for s, h in old.items():
             signal.signal(s, h)
+        _depth[0] = 0
         _unheeded[:] = _pending[:1]
         _pending.clear()
 
@@ -75,6 +87,11 @@ def check() -> None:
 def heed() -> None:
     """The run acted on the stop request (raised ``Interrupted``): nothing is left for a sweep to act on."""
     _pending.clear()
+
+
+def requested() -> int | None:
+    """The signal of a stop request not acted on yet, or of one the last finished run could not act on."""
+    return (_pending or _unheeded or [None])[0]
 
 
 def unheeded() -> int | None:

@@ -39,3 +39,24 @@ def test_a_stop_the_run_acted_on_is_not_kept() -> None:
         stop()
     assert interrupt.unheeded() is None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_a_run_inside_a_sweep_shares_the_sweeps_handlers() -> None:
+    """The sweep installs first; a signal between its runs, or after a run restored its handlers (while the
+    finished trial is told), is still a request the sweep sees; one inside a run stops the run as before."""
+    end_sweep = interrupt.install()
+    try:
+        end_run = interrupt.install()
+        end_run()  # run 0 finished
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # still the sweep's handler
+        os.kill(os.getpid(), signal.SIGTERM)  # between runs: no default handler to kill the process
+        assert interrupt.requested() == signal.SIGTERM
+        end_run = interrupt.install()  # a run started anyway stops at its first sample boundary
+        with pytest.raises(interrupt.Interrupted):
+            interrupt.check()
+        interrupt.heed()
+        end_run()
+        assert interrupt.requested() is None
+    finally:
+        end_sweep()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

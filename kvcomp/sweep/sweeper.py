@@ -65,10 +65,14 @@ class ResumableOptunaSweeper:
                                                                 task_function=task_function)
 
     def sweep(self, arguments: list[str]) -> None:
-        with warnings.catch_warnings():  # ask/tell with Optuna's heartbeat and retry callback is intended here
-            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
-            self._sweep(arguments)
+        stop = interrupt.install()  # SIGTERM / Ctrl-C between or after trials: the sweep stops cleanly too
+        try:
+            with warnings.catch_warnings():  # ask/tell with Optuna's heartbeat and retry callback is intended
+                warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
+                self._sweep(arguments)
+        finally:
+            stop()
 
     def _sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None
@@ -137,6 +141,7 @@ class ResumableOptunaSweeper:
             todo = n_trials - tally.complete - tally.running
             if todo <= 0:
                 break
+            self._stop_if_asked(study, prefix, bar)
             if failures > self.max_failure_rate * n_trials:
                 bar.close()
                 abort(f"{failures} trials failed (more than hydra.sweeper.max_failure_rate={self.max_failure_rate}"
@@ -145,14 +150,20 @@ class ResumableOptunaSweeper:
             if not trials:
                 break
             failures += self._launch(study, trials, fixed, prefix)
-            if (sig := interrupt.unheeded()) is not None:  # asked during a trial's last sample: it finished
-                bar.close()
-                self._write_results(study, prefix)
-                log.warning("%s during trial %d's last sample: the trial finished, the sweep stops (rerun the "
-                            "command to resume)", signal.Signals(sig).name, trials[-1].number)
-                raise SystemExit(128 + sig)
+            self._stop_if_asked(study, prefix, bar, after=trials[-1].number)
         bar.close()
         self._write_results(study, prefix)
+
+    def _stop_if_asked(self, study: optuna.Study, prefix: str, bar: Any, after: int | None = None) -> None:
+        """Stop the sweep (results written, exit 128 + signal) if SIGTERM / Ctrl-C came that no run acted on:
+        during a trial's last sample or between trials."""
+        if (sig := interrupt.requested()) is None:
+            return
+        bar.close()
+        self._write_results(study, prefix)
+        where = "" if after is None else f" after trial {after} (it finished)"
+        log.warning("%s: the sweep stops%s; rerun the command to resume", signal.Signals(sig).name, where)
+        raise SystemExit(128 + sig)
 
     def _claim(self, study: optuna.Study, n: int, n_trials: int, dists: sp.Space) -> list[Trial]:
         """Ask ``n`` trials; one that another worker's trials have made surplus is set aside."""
