@@ -148,27 +148,34 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
     assert not [t for t in ts if t.state.name not in ("COMPLETE", "FAIL")]
 
 
-@pytest.mark.slow
-def test_sigterm_in_a_trials_last_sample_stops_the_sweep_after_it(tmp_path: Path) -> None:
-    """One sample per trial, so a signal in trial 1 lands in its last sample: trial 1 finishes (COMPLETE, its
-    metrics.json), the sweep stops there with 143 instead of running trial 2, and a rerun only adds trial 2."""
-    sweep = tmp_path / "s"
-    args = ["+sweeps=hpo/random", *SMOKE, "task.n_samples=1", "task.context_length=12000",  # ~2 s per sample
-            "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"]
-    p = subprocess.Popen(sweep_cmd(args), cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def sigterm_in_sample(args: list[str], cwd: Path, nth: int) -> tuple[int, str, str]:
+    """Run the sweep and send SIGTERM 0.5 s into the ``nth`` run's samples (each run logs one line once its
+    signal handlers are in place, just before its first sample's stop check); (exit status, stdout, stderr)."""
+    p = subprocess.Popen(sweep_cmd(args), cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     try:
         started = 0
-        for line in p.stdout:  # one line per run, once its signal handlers are in place
+        for line in p.stdout:
             started += "samples (SIGTERM or Ctrl-C" in line
-            if started == 2:
-                time.sleep(0.5)  # past the check before its sample (the line comes just before it)
+            if started == nth:
+                time.sleep(0.5)  # past that check, inside the sample (~2 s at 12000 tokens)
                 p.send_signal(signal.SIGTERM)
                 break
         out, err = p.communicate(timeout=120)
     finally:
         p.kill()
-    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    return p.returncode, out, err
+
+
+@pytest.mark.slow
+def test_sigterm_in_a_trials_last_sample_stops_the_sweep_after_it(tmp_path: Path) -> None:
+    """One sample per trial, so a signal in trial 1 lands in its last sample: trial 1 finishes (COMPLETE, its
+    metrics.json), the sweep stops there with 143 instead of running trial 2, and a rerun only adds trial 2."""
+    sweep = tmp_path / "s"
+    args = ["+sweeps=hpo/random", *SMOKE, "task.n_samples=1", "task.context_length=12000",
+            "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"]
+    rc, out, err = sigterm_in_sample(args, tmp_path, nth=2)
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
     assert "SIGTERM: the sweep stops after trial 1 (it finished)" in out and "Traceback" not in err
     assert states(trials(sweep, "hpo_random")) == {"COMPLETE": 2}
     assert sorted(d.parent.name for d in sweep.glob("*/metrics.json")) == ["0", "1"] and not (sweep / "2").exists()
@@ -185,18 +192,8 @@ def test_sigterm_in_a_grid_runs_last_sample_stops_the_grid(tmp_path: Path) -> No
     the model and leaves no run dir."""
     sweep = tmp_path / "s"
     args = ["+sweeps=ablation/smoke", "model=tiny_llama", "task.context_length=12000,12100", f"hydra.sweep.dir={sweep}"]
-    p = subprocess.Popen(sweep_cmd(args), cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    try:
-        for line in p.stdout:
-            if "samples (SIGTERM or Ctrl-C" in line:  # job 0's only sample (~2 s)
-                time.sleep(0.5)  # past the check before it (the line comes just before it)
-                p.send_signal(signal.SIGTERM)
-                break
-        _, err = p.communicate(timeout=120)
-    finally:
-        p.kill()
-    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    rc, _, err = sigterm_in_sample(args, tmp_path, nth=1)  # job 0's only sample
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
     assert "interrupted (SIGTERM) after the previous run finished; this one did not start" in err
     assert [d.name for d in sweep.iterdir() if d.is_dir()] == ["0"] and (sweep / "0" / "metrics.json").exists()
 
