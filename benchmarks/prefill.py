@@ -73,7 +73,7 @@ FP_STORE_1024 = "fp chunked 1024 (kvcomp store, split attention)"
 
 def store_for(label: str) -> str:
     """The fp kvcomp store row chunked at the same size as ``label`` (the prefill goals' baseline)."""
-    extra = next(x[2] for x in ROWS if x[0] == label)
+    extra = next((x[2] for x in ROWS if x[0] == label), [])
     return FP_STORE_1024 if "compressor.chunk_size=1024" in extra else FP_STORE
 
 
