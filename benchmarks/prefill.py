@@ -15,8 +15,9 @@ fresh process per row, ``benchmarks.common rss``, no question there; the longest
 torch.profiler breakdown of one prefill: linear layers, attention, dequantize, quantize/pack, RoPE (kvcomp
 re-applying / inverting it; the model's own RoPE is in "other"), scoring, other. ``--e2e``: wall time of one
 ``python -m runners.run +experiment=<row> task=passkey task.context_length=4000 task.n_samples=10`` each for
-``E2E`` (a fresh process each, startup included). The recommended full-precision chunk size is the one the
-compressed rows use (512): the "fp chunked 512 (kvcomp store)" row is the prefill goals' baseline.
+``E2E`` (a fresh process each, startup included). The presets chunk at 512 and the "fp chunked 512 (kvcomp
+store)" row is their prefill goals' baseline; rows named ", chunk 1024" run the same methods at 1024 against the
+fp store at 1024 (the chunk size recommended on CPU: ``benchmarks/results/prefill_chunk.md``).
 """
 
 from __future__ import annotations
