@@ -72,10 +72,14 @@ FP_STORE = "fp chunked 512 (kvcomp store, split attention)"
 FP_STORE_1024 = "fp chunked 1024 (kvcomp store, split attention)"
 
 
+def at_1024(row: tuple[str, str, list[str]]) -> bool:
+    """Whether a ``ROWS`` entry chunks at 1024 (its baseline is then the fp store at 1024)."""
+    return "compressor.chunk_size=1024" in row[2]
+
+
 def store_for(label: str) -> str:
     """The fp kvcomp store row chunked at the same size as ``label`` (the prefill goals' baseline)."""
-    extra = next((x[2] for x in ROWS if x[0] == label), [])
-    return FP_STORE_1024 if "compressor.chunk_size=1024" in extra else FP_STORE
+    return FP_STORE_1024 if any(x[0] == label and at_1024(x) for x in ROWS) else FP_STORE
 
 
 BOUNDARY: dict[int, int] = {}  # id(compressor) -> peak bytes of its stage boundary (last prefill)
@@ -215,8 +219,8 @@ def goals(rows: list[dict[str, Any]], e2e: dict[str, float]) -> list[str]:
     for label in compressed:
         check(f"4096: {label} decode ms/token vs full", get(4096, label, "decode_ratio"), 1.0)
     for n in (n for n in lengths if n >= 4096):
-        at_1024 = [r[0] for r in ROWS if r[1] in ("int4", "kvquant_stream", "livekvquant") and "1024" in r[0]]
-        for label in ("int4", "kvquant_stream", "livekvquant", *at_1024):
+        chunked_1024 = [r[0] for r in ROWS if r[1] in ("int4", "kvquant_stream", "livekvquant") and at_1024(r)]
+        for label in ("int4", "kvquant_stream", "livekvquant", *chunked_1024):
             check(f"{n}: {label} prefill vs the fp chunked kvcomp store at its chunk size", vs_store(n, label), 1.05)
         check(f"{n}: prompt_guided prefill vs the fp chunked kvcomp store", vs_store(n, "prompt_guided"), 0.75)
         for label in compressed:
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             raise SystemExit(f"error: --rows {unknown[0]!r} is not one of: {', '.join(x[0] for x in ROWS)}")
         picked = [x for x in ROWS if x[0] in BASE_ROWS or x[0] in a.rows or x[0].split(" (")[0] in a.rows]
-        if any("compressor.chunk_size=1024" in x[2] for x in picked):  # their baseline
+        if any(at_1024(x) for x in picked):  # their baseline
             picked = [x for x in ROWS if x in picked or x[0] == FP_STORE_1024]
         ROWS = picked
     if a.smoke:

@@ -30,7 +30,6 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STATUS_FILE = "status.json"
 _pending: list[int] = []  # signals received while installed
 _unheeded: list[int] = []  # a stop asked for too late for the run to act on (it finished)
-_depth: list[int] = [0]  # installs in force (a run inside a sweep that handles signals: 2)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -56,22 +55,15 @@ def install() -> Callable[[], None]:
     """Handle SIGINT/SIGTERM as stop requests until the returned function is called (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    if _depth[0]:  # inside a sweep that handles signals already: its request is this run's
-
-        def leave() -> None:
-            _depth[0] -= 1
-
-        _depth[0] += 1
-        return leave
+    if signal.getsignal(signal.SIGTERM) is _handler:  # inside a sweep that handles signals: its request is ours
+        return lambda: None
     _pending.clear()
     _unheeded.clear()
     old = {s: signal.signal(s, _handler) for s in SIGNALS}
-    _depth[0] = 1
 
     def restore() -> None:
         for s, h in old.items():
             signal.signal(s, h)
-        _depth[0] = 0
         _unheeded[:] = _pending[:1]
         _pending.clear()
 
@@ -90,8 +82,8 @@ def heed() -> None:
 
 
 def requested() -> int | None:
-    """The signal of a stop request not acted on yet, or of one the last finished run could not act on."""
-    return (_pending or _unheeded or [None])[0]
+    """The signal of a stop request no run has acted on yet (None if there is none), while installed."""
+    return _pending[0] if _pending else None
 
 
 def unheeded() -> int | None:
